@@ -1,0 +1,168 @@
+"""Atomic model folders: `config.json` + `model.safetensors`, written so that a crash never
+leaves a folder that a loader would accept.
+
+A folder is written into `<dir>.tmp-<pid>/`, every file is fsynced, and the temporary folder is
+renamed over the target. A rename within one filesystem is atomic on POSIX, so readers see
+either the old folder or the new one, never half of it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import typing
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+T = TypeVar("T")
+
+
+def fsync_path(path: str | os.PathLike) -> None:
+    """fsync a file or a directory (the latter makes a rename inside it durable)."""
+    flags = os.O_RDONLY | (os.O_DIRECTORY if Path(path).is_dir() else 0)
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_directory(directory: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary folder; on success it replaces `directory` atomically.
+
+    On any exception the temporary folder is removed and the previous `directory`, if any,
+    is left untouched.
+    """
+    target = Path(directory)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        yield tmp
+        for file in tmp.rglob("*"):
+            if file.is_file():
+                fsync_path(file)
+        fsync_path(tmp)
+        old = target.with_name(f"{target.name}.old-{os.getpid()}")
+        if target.exists():
+            os.replace(target, old)
+        os.replace(tmp, target)
+        fsync_path(target.parent)
+        if old.exists():
+            shutil.rmtree(old)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def sha256_of_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _tuple_fields(cls: type) -> set[str]:
+    hints = typing.get_type_hints(cls)
+    return {
+        field.name
+        for field in dataclasses.fields(cls)
+        if typing.get_origin(hints[field.name]) is tuple or hints[field.name] is tuple
+    }
+
+
+def config_from_dict(cls: type[T], values: dict[str, Any], source: str = "config") -> T:
+    """Build dataclass `cls` from a dict, rejecting unknown fields by name.
+
+    Lists become tuples for tuple-typed fields, so a config survives a JSON round trip.
+    Keys starting with an underscore (such as `_class_name`) are metadata and ignored.
+    """
+    allowed = {field.name for field in dataclasses.fields(cls)}
+    values = {key: value for key, value in values.items() if not key.startswith("_")}
+    unknown = sorted(set(values) - allowed)
+    if unknown:
+        raise ValueError(
+            f"{source}: unknown {cls.__name__} field(s) {unknown}; allowed fields are {sorted(allowed)}"
+        )
+    tuples = _tuple_fields(cls)
+    values = {k: tuple(v) if k in tuples and isinstance(v, list) else v for k, v in values.items()}
+    return cls(**values)
+
+
+def save_model_folder(
+    directory: str | os.PathLike,
+    config: Any,
+    state_dict: dict[str, torch.Tensor],
+    class_name: str,
+) -> Path:
+    """Write `config.json` (the dataclass plus `_class_name`) and `model.safetensors` atomically."""
+    tensors = {key: value.detach().contiguous().cpu() for key, value in state_dict.items()}
+    for key, value in tensors.items():
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise ValueError(f"refusing to save non-finite weights: tensor {key!r} has NaN or Inf")
+    with atomic_directory(directory) as tmp:
+        payload = {"_class_name": class_name, **dataclasses.asdict(config)}
+        (tmp / CONFIG_NAME).write_text(json.dumps(payload, indent=2) + "\n")
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+    return Path(directory)
+
+
+def load_model_folder(
+    directory: str | os.PathLike, config_cls: type[T]
+) -> tuple[T, dict[str, torch.Tensor]]:
+    """Read a folder written by `save_model_folder`.
+
+    Raises:
+        FileNotFoundError: the folder or one of its two files is missing.
+        ValueError: the config has unknown fields or the weights file is corrupt.
+    """
+    folder = Path(directory)
+    config_path, weights_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
+    for path in (config_path, weights_path):
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{path} not found: a model folder needs {CONFIG_NAME} and {WEIGHTS_NAME} "
+                f"(write one with save_pretrained)"
+            )
+    try:
+        values = json.loads(config_path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{config_path} is not valid JSON ({error})") from error
+    config = config_from_dict(config_cls, values, source=str(config_path))
+    try:
+        state_dict = load_file(str(weights_path))
+    except (SafetensorError, OSError) as error:
+        raise ValueError(f"{weights_path} is corrupt or truncated ({error})") from error
+    return config, state_dict
+
+
+def load_state_dict_strict(
+    module: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str
+) -> None:
+    """Load with every key checked; the error names the missing and unexpected keys."""
+    expected = set(module.state_dict())
+    missing, unexpected = sorted(expected - set(state_dict)), sorted(set(state_dict) - expected)
+    if missing or unexpected:
+        raise ValueError(
+            f"{source}: state_dict does not match {type(module).__name__}: "
+            f"missing keys {missing[:10]}{'...' if len(missing) > 10 else ''}, "
+            f"unexpected keys {unexpected[:10]}{'...' if len(unexpected) > 10 else ''}"
+        )
+    module.load_state_dict(state_dict, strict=True)

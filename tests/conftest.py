@@ -1,0 +1,32 @@
+"""Test-wide setup: offline, CPU, a temporary HF_HOME, and small thread counts."""
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+# Set before transformers/datasets/huggingface_hub are imported by any test module.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="codegrid-hf-home-")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SCRIPTS = REPO_ROOT / "scripts"
+# Scripts are run as `python scripts/x.py`; tests that import them in-process need the same path.
+if str(SCRIPTS) not in sys.path:
+    sys.path.insert(0, str(SCRIPTS))
+
+
+@pytest.fixture(autouse=True)
+def _seed_everything():
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture
+def repo_root() -> Path:
+    return REPO_ROOT
