@@ -1,0 +1,368 @@
+"""The GPT prior: a decoder-only transformer over `[text tokens][BOI][image codes]`.
+
+Design (issue 4, item 3):
+- Pre-norm blocks (RMSNorm or LayerNorm), a SwiGLU or GELU MLP, one fused qkv projection and
+  `F.scaled_dot_product_attention`; no biases (LlamaGen `gpt.py`).
+- Text and image tokens have their own embeddings and output heads. The image head has exactly
+  `codebook_size` outputs, so an image position can never produce a text id.
+- Positions: 1D RoPE for the text, 2D RoPE (row, column) for the image grid, with real
+  positions for the whole prefix, unlike LlamaGen (prior/rope.py).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from codegrid.io import (
+    config_from_dict,
+    load_model_folder,
+    load_state_dict_strict,
+    save_model_folder,
+)
+from prior.cache import KVCache
+from prior.rope import apply_rope, rope_table
+
+MLP_KINDS = ("swiglu", "gelu")
+NORM_KINDS = ("rmsnorm", "layernorm")
+
+
+@dataclass
+class PriorConfig:
+    """Architecture of the prior; saved as `config.json` beside `model.safetensors`.
+
+    `text_pad_id` is the pad id of the text tokenizer: pad targets are ignored by the text loss.
+    The loss is `image_loss_weight * image_loss + text_loss_weight * text_loss`; DALL-E used 7/8
+    and 1/8. A text head exists only when `text_loss_weight > 0`. For SwiGLU the hidden width is
+    `2/3 * mlp_ratio * d_model` rounded up to `mlp_multiple_of` (LlamaGen: 8/3 d, multiple 256).
+    """
+
+    text_vocab_size: int = 512
+    text_length: int = 16
+    codebook_size: int = 256
+    image_grid: tuple[int, int] = (8, 8)
+    d_model: int = 192
+    num_layers: int = 4
+    num_heads: int = 4
+    mlp: str = "swiglu"
+    mlp_ratio: float = 4.0
+    mlp_multiple_of: int = 64
+    norm: str = "rmsnorm"
+    norm_eps: float = 1e-5
+    dropout: float = 0.0
+    text_loss_weight: float = 0.0
+    image_loss_weight: float = 1.0
+    text_pad_id: int = 0
+    rope_theta: float = 10000.0
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        self.image_grid = tuple(self.image_grid)
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the field, its value and what is allowed."""
+        for name in ("text_vocab_size", "codebook_size", "d_model", "num_layers", "num_heads"):
+            _require(self, name, _positive_int(getattr(self, name)), "an int >= 1")
+        grid, heads = self.image_grid, self.num_heads
+        checks = [
+            ("text_length", lambda: self.text_length >= 2, "an int >= 2 (room for BOS and EOS)"),
+            ("image_grid", lambda: len(grid) == 2 and all(map(_positive_int, grid)), "(h, w) >= 1"),
+            ("d_model", lambda: self.d_model % heads == 0, f"a multiple of num_heads={heads}"),
+            ("num_heads", lambda: self.head_dim % 4 == 0, "a head_dim divisible by 4 (2D RoPE)"),
+            ("mlp", lambda: self.mlp in MLP_KINDS, MLP_KINDS),
+            ("norm", lambda: self.norm in NORM_KINDS, NORM_KINDS),
+            ("mlp_multiple_of", lambda: _positive_int(self.mlp_multiple_of), "an int >= 1"),
+            ("dropout", lambda: 0.0 <= self.dropout < 1.0, "[0, 1)"),
+            ("text_loss_weight", lambda: self.text_loss_weight >= 0, ">= 0"),
+            ("image_loss_weight", lambda: self.image_loss_weight > 0, "> 0"),
+            ("text_pad_id", lambda: 0 <= self.text_pad_id < self.text_vocab_size, "< vocab size"),
+        ]
+        checks += [(name, lambda n=name: getattr(self, n) > 0, "> 0") for name in _POSITIVE]
+        for name, check, allowed in checks:
+            _require(self, name, check(), allowed)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> PriorConfig:
+        """A preset from `PRESETS` with fields overridden; unknown names raise ValueError."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown prior preset {name!r}; allowed presets: {sorted(PRESETS)}")
+        return config_from_dict(cls, {**PRESETS[name], **overrides}, source=f"preset {name!r}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.num_heads
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self.image_grid[0] * self.image_grid[1]
+
+    @property
+    def sequence_length(self) -> int:
+        """Input length in training: text, BOI and all codes but the last."""
+        return self.text_length + self.num_image_tokens
+
+    @property
+    def mlp_hidden(self) -> int:
+        hidden = self.mlp_ratio * self.d_model
+        if self.mlp == "swiglu":
+            hidden = 2 * hidden / 3
+        return self.mlp_multiple_of * math.ceil(int(hidden) / self.mlp_multiple_of)
+
+
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _require(config: PriorConfig, field: str, condition: bool, allowed) -> None:
+    if not condition:
+        value = getattr(config, field)
+        raise ValueError(f"PriorConfig.{field}={value!r} is invalid; allowed: {allowed}")
+
+
+_POSITIVE = ("mlp_ratio", "rope_theta", "init_std", "norm_eps")
+
+
+_LARGE = dict(codebook_size=16384, image_grid=(16, 16), text_length=128, text_vocab_size=32128)
+_LARGE.update(dropout=0.1, mlp_multiple_of=256)
+PRESETS: dict[str, dict] = {
+    # Calibrated on 32-pixel Shapes with 2 CPU cores (research/calibration.md): 1.9M parameters.
+    # LayerNorm: its fused CPU kernel made training steps ~10% faster than RMSNorm (measured).
+    "cpu-tiny": dict(d_model=192, num_layers=4, num_heads=4, norm="layernorm"),
+    # Roughly LlamaGen GPT-B / L / XL (anchors-taming-llamagen.md section 2.4).
+    "B": dict(_LARGE, d_model=768, num_layers=12, num_heads=12),
+    "L": dict(_LARGE, d_model=1024, num_layers=24, num_heads=16),
+    "XL": dict(_LARGE, d_model=1280, num_layers=36, num_heads=20),
+}
+
+
+class PriorOutput(NamedTuple):
+    """Losses in nats per token; `text_loss` is None without a text head.
+
+    image_logits: (B, h*w, codebook_size) fp32; entry j predicts image code j.
+    """
+
+    loss: torch.Tensor
+    image_loss: torch.Tensor
+    text_loss: torch.Tensor | None
+    image_logits: torch.Tensor
+
+
+def _norm(config: PriorConfig) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(config.d_model, eps=config.norm_eps)
+    return nn.LayerNorm(config.d_model, eps=config.norm_eps)
+
+
+def _dropout(x: torch.Tensor, p: float) -> torch.Tensor:
+    return F.dropout(x, p=p, training=True) if p > 0 else x
+
+
+class Attention(nn.Module):
+    def __init__(self, config: PriorConfig) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim = config.num_heads, config.head_dim
+        self.qkv = nn.Linear(config.d_model, 3 * config.d_model, bias=False)
+        self.proj = nn.Linear(config.d_model, config.d_model, bias=False)
+
+    def forward(self, x, rotations, cache=None, start: int = 0) -> torch.Tensor:
+        """x (B, L, D) at positions start..start+L-1 -> (B, L, D).
+
+        With a cache (keys, values each (B, H, T_max, Dh)) the new keys and values are written
+        at [start, start + L) and attention covers the prefix [0, start + L). A multi-token call
+        must start at 0, so the causal mask stays square.
+        """
+        batch, length, dim = x.shape
+        qkv = self.qkv(x).view(batch, length, 3, self.num_heads, self.head_dim)  # (B, L, 3, H, Dh)
+        qk = apply_rope(qkv[:, :, :2], rotations).permute(2, 0, 3, 1, 4)  # (2, B, H, L, Dh)
+        query, key = qk.unbind(0)  # (B, H, L, Dh) each
+        value = qkv[:, :, 2].transpose(1, 2)  # (B, H, L, Dh)
+        if cache is not None:
+            if length > 1 and start != 0:
+                raise ValueError(f"a multi-token cached call must start at 0, got start={start}")
+            key_cache, value_cache = cache
+            key_cache[:, :, start : start + length] = key
+            value_cache[:, :, start : start + length] = value
+            key = key_cache[:, :, : start + length]  # (B, H, S, Dh)
+            value = value_cache[:, :, : start + length]  # (B, H, S, Dh)
+        out = F.scaled_dot_product_attention(query, key, value, is_causal=length > 1)
+        return self.proj(out.transpose(1, 2).reshape(batch, length, dim))  # (B, L, D)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: PriorConfig) -> None:
+        super().__init__()
+        self.gated = config.mlp == "swiglu"
+        hidden = config.mlp_hidden
+        # SwiGLU's gate and up projections are fused into one matmul (Shazeer 2020, GLU variants).
+        self.up = nn.Linear(config.d_model, 2 * hidden if self.gated else hidden, bias=False)
+        self.down = nn.Linear(hidden, config.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = self.up(x)
+        if self.gated:
+            gate, up = hidden.chunk(2, dim=-1)
+            hidden = F.silu(gate) * up
+        else:
+            hidden = F.gelu(hidden, approximate="tanh")  # GPT-2's GELU
+        return self.down(hidden)
+
+
+class Block(nn.Module):
+    def __init__(self, config: PriorConfig) -> None:
+        super().__init__()
+        self.attn_norm, self.mlp_norm = _norm(config), _norm(config)
+        self.attn, self.mlp = Attention(config), MLP(config)
+
+    def forward(self, x, rotations, cache=None, start: int = 0, dropout: float = 0.0):
+        x = x + _dropout(self.attn(self.attn_norm(x), rotations, cache, start), dropout)
+        return x + _dropout(self.mlp(self.mlp_norm(x)), dropout)
+
+
+class Prior(nn.Module):
+    """Decoder-only transformer; see the module docstring for the layout and positions."""
+
+    def __init__(self, config: PriorConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.boi_id = config.codebook_size  # the image embedding's extra last row
+        self.text_embedding = nn.Embedding(config.text_vocab_size, config.d_model)
+        self.image_embedding = nn.Embedding(config.codebook_size + 1, config.d_model)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_layers))
+        self.norm = _norm(config)
+        self.image_head = nn.Linear(config.d_model, config.codebook_size, bias=False)
+        self.text_head = None
+        if config.text_loss_weight > 0:
+            self.text_head = nn.Linear(config.d_model, config.text_vocab_size, bias=False)
+        self.register_buffer("rope", rope_table(config), persistent=False)
+        self.gradient_checkpointing = False
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """N(0, init_std); residual projections scaled by 1/sqrt(2 * layers) (GPT-2); the image
+        head starts at zero, so the first loss is exactly ln(codebook_size) (LlamaGen)."""
+        std = self.config.init_std
+        for module in self.modules():
+            if isinstance(module, nn.Linear | nn.Embedding):
+                nn.init.normal_(module.weight, std=std)
+            elif isinstance(module, nn.RMSNorm | nn.LayerNorm):
+                module.reset_parameters()
+        for block in self.blocks:
+            for weight in (block.attn.proj.weight, block.mlp.down.weight):
+                nn.init.normal_(weight, std=std / math.sqrt(2 * self.config.num_layers))
+        nn.init.zeros_(self.image_head.weight)
+
+    def _apply(self, fn, recurse=True):
+        # Rebuild the rotation table after .to()/.half()/.cuda(): it stays fp32 on the weights'
+        # device, so positions never lose precision to a bf16 cast.
+        super()._apply(fn, recurse)
+        self.rope = rope_table(self.config).to(self.image_head.weight.device)
+        return self
+
+    def backbone(self, x, start: int = 0, cache: KVCache | None = None, dropout: float = 0.0):
+        """Embedded inputs x (B, L, D) at positions start..start+L-1 -> normed hidden (B, L, D)."""
+        length = x.shape[1]
+        rotations = self.rope[start : start + length]  # (L, Dh/2, 2)
+        use_checkpoint = self.gradient_checkpointing and torch.is_grad_enabled()
+        for index, block in enumerate(self.blocks):
+            layer_cache = None if cache is None else cache.layer(index)
+            if use_checkpoint:
+                x = checkpoint(block, x, rotations, None, 0, dropout, use_reentrant=False)
+            else:
+                x = block(x, rotations, layer_cache, start, dropout)
+        return self.norm(x)
+
+    def embed(self, text_ids: torch.Tensor, image_inputs: torch.Tensor) -> torch.Tensor:
+        """Text ids (B, T) and image input ids (B, n) in [0, codebook_size] (the last is BOI)
+        -> (B, T + n, D)."""
+        text = self.text_embedding(text_ids)  # (B, T, D)
+        return torch.cat([text, self.image_embedding(image_inputs)], dim=1)  # (B, T + n, D)
+
+    def forward(self, text_ids: torch.Tensor, image_codes: torch.Tensor) -> PriorOutput:
+        """Teacher-forced losses.
+
+        Args:
+            text_ids: (B, text_length) long in [0, text_vocab_size).
+            image_codes: (B, h, w) or (B, h*w) long in [0, codebook_size).
+        """
+        codes = self.check_inputs(text_ids, image_codes)  # (B, N)
+        cfg, text_length = self.config, text_ids.shape[1]
+        boi = codes.new_full((codes.shape[0], 1), self.boi_id)
+        image_inputs = torch.cat([boi, codes[:, :-1]], dim=1)  # (B, N)
+        dropout = cfg.dropout if self.training else 0.0
+        hidden = self.backbone(
+            _dropout(self.embed(text_ids, image_inputs), dropout), 0, None, dropout
+        )
+        image_logits = self.image_head(hidden[:, text_length:]).float()  # (B, N, V)
+        image_loss = F.cross_entropy(image_logits.flatten(0, 1), codes.flatten())
+        loss, text_loss = cfg.image_loss_weight * image_loss, None
+        if self.text_head is not None:
+            # Position i predicts text token i + 1; the last text position would predict BOI.
+            text_logits = self.text_head(hidden[:, : text_length - 1]).float()  # (B, T-1, Vt)
+            targets = text_ids[:, 1:].flatten()
+            summed = F.cross_entropy(
+                text_logits.flatten(0, 1), targets, ignore_index=cfg.text_pad_id, reduction="sum"
+            )
+            text_loss = summed / (targets != cfg.text_pad_id).sum().clamp(min=1)
+            loss = loss + cfg.text_loss_weight * text_loss
+        return PriorOutput(loss, image_loss, text_loss, image_logits)
+
+    def check_inputs(self, text_ids: torch.Tensor, image_codes: torch.Tensor) -> torch.Tensor:
+        """Validate shapes, dtypes and id ranges; returns the codes flattened to (B, h*w)."""
+        cfg = self.config
+        check_text_ids(text_ids, cfg)
+        height, width = cfg.image_grid
+        if image_codes.shape[1:] == (height, width):
+            image_codes = image_codes.flatten(1)  # (B, N)
+        if image_codes.dim() != 2 or image_codes.shape != (text_ids.shape[0], height * width):
+            raise ValueError(
+                f"image_codes has shape {tuple(image_codes.shape)}; expected "
+                f"({text_ids.shape[0]}, {height}, {width}) or ({text_ids.shape[0]}, {height * width})"
+            )
+        check_id_range(image_codes, cfg.codebook_size, "image_codes", "codebook_size")
+        return image_codes
+
+    def num_parameters(self) -> int:
+        return sum(parameter.numel() for parameter in self.parameters())
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write `config.json` and `model.safetensors` atomically (codegrid.io)."""
+        return save_model_folder(directory, self.config, self.state_dict(), type(self).__name__)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> Prior:
+        """Load a folder written by `save_pretrained`; every weight key is checked."""
+        config, state_dict = load_model_folder(directory, PriorConfig)
+        model = cls(config)
+        load_state_dict_strict(model, state_dict, source=str(directory))
+        return model.to(device)
+
+
+def check_text_ids(text_ids: torch.Tensor, config: PriorConfig) -> None:
+    """Raise ValueError unless text_ids is a (B, text_length) long tensor of valid ids."""
+    if text_ids.dim() != 2 or text_ids.shape[1] != config.text_length:
+        raise ValueError(
+            f"text_ids has shape {tuple(text_ids.shape)}; expected (B, text_length="
+            f"{config.text_length}) as produced by TextTokenizer"
+        )
+    check_id_range(text_ids, config.text_vocab_size, "text_ids", "text_vocab_size")
+
+
+def check_id_range(ids: torch.Tensor, size: int, name: str, size_name: str) -> None:
+    if ids.dtype != torch.long:
+        raise ValueError(f"{name} must be torch.long, got {ids.dtype}")
+    # Value checks need a host sync and break torch.compile graphs; compiled training skips them.
+    if torch.compiler.is_compiling() or not ids.numel():
+        return
+    if ids.min() < 0 or ids.max() >= size:
+        raise ValueError(
+            f"{name} holds ids in [{int(ids.min())}, {int(ids.max())}]; allowed: "
+            f"[0, {size_name}={size})"
+        )

@@ -1,0 +1,238 @@
+"""Encoder and decoder of the VQGAN, laid out like taming-transformers.
+
+The architecture is the DDPM UNet halves without a timestep embedding (Esser et al. 2021,
+taming `taming/modules/diffusionmodules/model.py`). Parameter names match taming's state_dict
+one to one, so taming, LlamaGen (after renaming) and diffusers checkpoints load without
+`strict=False`:
+
+    encoder.conv_in, encoder.down.{i}.block.{j}.{norm1,conv1,norm2,conv2,nin_shortcut},
+    encoder.down.{i}.attn.{j}.{norm,q,k,v,proj_out}, encoder.down.{i}.downsample.conv,
+    encoder.mid.{block_1,attn_1,block_2}, encoder.norm_out, encoder.conv_out,
+    decoder.conv_in, decoder.mid.*, decoder.up.{i}.block.{j} (num_res_blocks + 1 per level),
+    decoder.up.{i}.attn.{j}, decoder.up.{i}.upsample.conv, decoder.norm_out, decoder.conv_out
+
+`decoder.up[0]` is the highest resolution, as in taming (which builds the list with `insert(0)`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+NORM_GROUPS = 32  # taming's GroupNorm(32, eps=1e-6)
+
+
+def normalization(channels: int) -> nn.GroupNorm:
+    """GroupNorm with 32 groups when `channels` allows it, else the largest divisor below 32.
+
+    Taming always uses 32 groups; narrow CPU models (16 or 48 channels) need fewer.
+    """
+    return nn.GroupNorm(math.gcd(NORM_GROUPS, channels), channels, eps=1e-6, affine=True)
+
+
+class ResnetBlock(nn.Module):
+    """(GroupNorm -> swish -> conv3x3) x 2 plus a residual; 1x1 `nin_shortcut` if channels change.
+
+    (B, in_channels, H, W) -> (B, out_channels, H, W).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.norm1 = normalization(in_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.norm2 = normalization(out_channels)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        if in_channels != out_channels:
+            self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1)
+        else:
+            self.nin_shortcut = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        if self.nin_shortcut is not None:
+            x = self.nin_shortcut(x)
+        return x + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over all H*W positions with 1x1 q, k, v and proj_out convs.
+
+    (B, C, H, W) -> (B, C, H, W). The softmax scale is C ** -0.5, SDPA's default for head dim C.
+    """
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.norm = normalization(channels)
+        self.q = nn.Conv2d(channels, channels, 1)
+        self.k = nn.Conv2d(channels, channels, 1)
+        self.v = nn.Conv2d(channels, channels, 1)
+        self.proj_out = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, channels, height, width = x.shape
+        h = self.norm(x)
+        # SDPA accepts the transposed views directly, so q, k, v are not copied here.
+        q = self.q(h).flatten(2).transpose(1, 2).unsqueeze(1)  # (B, 1, HW, C)
+        k = self.k(h).flatten(2).transpose(1, 2).unsqueeze(1)  # (B, 1, HW, C)
+        v = self.v(h).flatten(2).transpose(1, 2).unsqueeze(1)  # (B, 1, HW, C)
+        h = F.scaled_dot_product_attention(q, k, v)  # (B, 1, HW, C)
+        h = h.squeeze(1).transpose(1, 2).reshape(batch, channels, height, width)  # (B, C, H, W)
+        return x + self.proj_out(h)
+
+
+class Downsample(nn.Module):
+    """Stride-2 conv3x3 after asymmetric zero padding (0, 1, 0, 1), as in taming. (B,C,H,W) ->
+    (B,C,H/2,W/2)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour x2 then conv3x3. (B,C,H,W) -> (B,C,2H,2W)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class _Level(nn.Module):
+    """One resolution level: `block` and `attn` lists plus an optional resampler (taming names)."""
+
+    def __init__(self, blocks: list[nn.Module], attns: list[nn.Module]) -> None:
+        super().__init__()
+        self.block = nn.ModuleList(blocks)
+        self.attn = nn.ModuleList(attns)
+
+    def run(self, h: torch.Tensor) -> torch.Tensor:
+        for index, block in enumerate(self.block):
+            h = block(h)
+            if len(self.attn) > 0:
+                h = self.attn[index](h)
+        return h
+
+
+class _Mid(nn.Module):
+    """ResnetBlock -> AttnBlock -> ResnetBlock at the lowest resolution (always has attention)."""
+
+    def __init__(self, channels: int, dropout: float) -> None:
+        super().__init__()
+        self.block_1 = ResnetBlock(channels, channels, dropout)
+        self.attn_1 = AttnBlock(channels)
+        self.block_2 = ResnetBlock(channels, channels, dropout)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.block_2(self.attn_1(self.block_1(h)))
+
+
+class Encoder(nn.Module):
+    """Images (B, in_channels, H, W) -> latents (B, z_channels, H/f, W/f), f = 2**(len(ch_mult)-1).
+
+    Attention follows each ResnetBlock of every level whose resolution (computed from the
+    configured `resolution`) is in `attn_resolutions`.
+    """
+
+    def __init__(
+        self,
+        *,
+        in_channels: int,
+        ch: int,
+        ch_mult: tuple[int, ...],
+        num_res_blocks: int,
+        attn_resolutions: tuple[int, ...],
+        resolution: int,
+        z_channels: int,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
+        self.down = nn.ModuleList()
+        current_resolution, block_in = resolution, ch
+        for level, multiplier in enumerate(ch_mult):
+            block_out = ch * multiplier
+            blocks, attns = [], []
+            for _ in range(num_res_blocks):
+                blocks.append(ResnetBlock(block_in, block_out, dropout))
+                block_in = block_out
+                if current_resolution in attn_resolutions:
+                    attns.append(AttnBlock(block_in))
+            stage = _Level(blocks, attns)
+            if level != len(ch_mult) - 1:
+                stage.downsample = Downsample(block_in)
+                current_resolution //= 2
+            self.down.append(stage)
+        self.mid = _Mid(block_in, dropout)
+        self.norm_out = normalization(block_in)
+        self.conv_out = nn.Conv2d(block_in, z_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv_in(x)
+        for stage in self.down:
+            h = stage.run(h)
+            if hasattr(stage, "downsample"):
+                h = stage.downsample(h)
+        h = self.mid(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class Decoder(nn.Module):
+    """Latents (B, z_channels, h, w) -> images (B, out_channels, h*f, w*f), unbounded (no tanh).
+
+    Levels run from the lowest resolution (`up[-1]`) to the highest (`up[0]`), each with
+    num_res_blocks + 1 ResnetBlocks.
+    """
+
+    def __init__(
+        self,
+        *,
+        out_channels: int,
+        ch: int,
+        ch_mult: tuple[int, ...],
+        num_res_blocks: int,
+        attn_resolutions: tuple[int, ...],
+        resolution: int,
+        z_channels: int,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        block_in = ch * ch_mult[-1]
+        current_resolution = resolution // 2 ** (len(ch_mult) - 1)
+        self.conv_in = nn.Conv2d(z_channels, block_in, 3, padding=1)
+        self.mid = _Mid(block_in, dropout)
+        stages: list[_Level] = []
+        for level in reversed(range(len(ch_mult))):
+            block_out = ch * ch_mult[level]
+            blocks, attns = [], []
+            for _ in range(num_res_blocks + 1):
+                blocks.append(ResnetBlock(block_in, block_out, dropout))
+                block_in = block_out
+                if current_resolution in attn_resolutions:
+                    attns.append(AttnBlock(block_in))
+            stage = _Level(blocks, attns)
+            if level != 0:
+                stage.upsample = Upsample(block_in)
+                current_resolution *= 2
+            stages.insert(0, stage)
+        self.up = nn.ModuleList(stages)
+        self.norm_out = normalization(block_in)
+        self.conv_out = nn.Conv2d(block_in, out_channels, 3, padding=1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.mid(self.conv_in(z))
+        for stage in reversed(self.up):
+            h = stage.run(h)
+            if hasattr(stage, "upsample"):
+                h = stage.upsample(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
