@@ -1,0 +1,11 @@
+"""Shared infrastructure of the training jobs (`scripts/train_*.py`).
+
+One concept per module: the run folder and its logs (`run_folder`), atomic checkpoints with
+verified resume (`checkpoint`), the learning-rate schedule (`schedule`), an EMA of weights
+(`ema`), non-finite step guards (`guards`), fault injection for the kill tests (`faults`), the
+wall-clock budget (`budget`), the deterministic step sampler (`sampler`), argument checks
+(`validation`), in-training validation metrics (`evaluation`), optimizer groups (`optim`), PNG
+grids (`images`), the tokenizer job's GAN objective (`vqgan_objective`), and the shared flags,
+train state and step loop (`loop`). Only the jobs parse arguments; model code stays free of
+optimizers and logging.
+"""

@@ -1,0 +1,80 @@
+"""A wall-clock budget turned into a fixed number of optimizer steps.
+
+After a short measurement window (default 10 steps, excluding the first, which pays for lazy
+initialisation) the mean step time fixes the total step count so that the run, including its
+periodic evaluation and checkpoints as far as the window saw them, ends within the budget. The
+count is decided on the main process and broadcast, so every rank stops at the same step; it is
+stored in checkpoints, so a resumed run keeps the same count and the same LR schedule.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+from accelerate import Accelerator
+
+
+class StepBudget:
+    """Decides `total_steps` from `--max-steps` and/or `--time-budget-minutes`.
+
+    The budget counts from `started` (a `time.monotonic()` value; default: now), so the job's
+    data preparation and model setup are inside it.
+
+    Without a budget the total is `max_steps` from the start. With one, the total is unknown
+    (None) until `observe` has seen `measure_steps` steps; `max_steps` then caps it.
+    """
+
+    def __init__(
+        self,
+        minutes: float | None,
+        max_steps: int | None,
+        measure_steps: int = 10,
+        safety: float = 0.92,
+        reserve_seconds: float = 5.0,
+        started: float | None = None,
+    ) -> None:
+        self.seconds = None if minutes is None else 60.0 * minutes
+        self.max_steps = max_steps
+        self.measure_steps, self.safety, self.reserve = measure_steps, safety, reserve_seconds
+        self.started = time.monotonic() if started is None else started
+        self.total_steps: int | None = max_steps if minutes is None else None
+        self._window_start: tuple[int, float] | None = None
+        self.seconds_per_step: float | None = None
+
+    def restore(self, total_steps: int | None) -> None:
+        """Adopt the total of a resumed checkpoint (if it had been fixed)."""
+        if total_steps is not None:
+            self.total_steps = int(total_steps)
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    def observe(self, step: int, accelerator: Accelerator) -> bool:
+        """Call after each completed step (`step` steps done). Returns True when the total was
+        fixed by this call. Every rank must call (a broadcast happens once)."""
+        if self.total_steps is not None:
+            return False
+        now = time.monotonic()
+        if self._window_start is None:
+            self._window_start = (step, now)  # the first step is not timed
+            return False
+        first_step, first_time = self._window_start
+        if step - first_step < self.measure_steps:
+            return False
+        self.seconds_per_step = (now - first_time) / (step - first_step)
+        # Reserve time for the final validation, checkpoint and export (at most 5% of it).
+        remaining = self.seconds - self.elapsed() - min(self.reserve, 0.05 * self.seconds)
+        total = step + max(0, math.floor(self.safety * remaining / self.seconds_per_step))
+        if self.max_steps is not None:
+            total = min(total, self.max_steps)
+        value = torch.tensor([float(max(total, step))], device=accelerator.device)
+        if accelerator.num_processes > 1:
+            torch.distributed.broadcast(value, src=0)
+        self.total_steps = int(value.item())
+        return True
+
+    def current_total(self, fallback: int) -> int:
+        """The total for the LR schedule; `fallback` while still measuring."""
+        return self.total_steps if self.total_steps is not None else fallback

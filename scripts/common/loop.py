@@ -1,0 +1,288 @@
+"""The parts of a training job that both jobs share: common flags, the resumable train state,
+checkpoint writing/restoring around `common.checkpoint`, and the step loop with its progress bar.
+
+A job supplies a `step_fn(step) -> dict of floats` (one optimizer step, already agreed across
+ranks) and a `periodic_fn(step)` (validation, images, checkpoints); the loop owns the step
+counter, the wall-clock budget and the tqdm bar.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+from codegrid.io import config_from_dict
+from common.budget import StepBudget
+from common.checkpoint import CHECKPOINTS, load_latest_checkpoint, save_checkpoint
+from common.ema import EMA
+from common.guards import NonFiniteGuard, assert_finite_weights, locally_nonfinite, reduce_step
+from common.run_folder import RunFolder
+from common.validation import (
+    require_choice,
+    require_fraction,
+    require_non_negative,
+    require_positive,
+    require_steps,
+)
+
+MIXED_PRECISION = ("no", "fp16", "bf16")
+REPORT_TO = ("tensorboard", "none")
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help keeps the module docstring's layout and shows each default that is set."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        unset = action.default is None or action.default is False  # (0 == False: use `is`)
+        if not unset and action.default != argparse.SUPPRESS and "%(default)" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
+def add_common_arguments(parser: argparse.ArgumentParser, learning_rate: float) -> None:
+    """Flags shared by both training jobs (output, schedule, precision, checkpoints, ...)."""
+    add = parser.add_argument
+    # fmt: off
+    add("--output-dir", type=Path, required=True, help="run folder: args.json, train.log, "
+        "metrics.jsonl, tensorboard/, checkpoints/, images/, best/ and final/ exports")
+    add("--seed", type=int, default=0, help="seed of weights, data order and augmentation")
+    add("--batch-size", type=int, default=64, help="samples per process per micro-batch; the "
+        "global batch is batch-size x processes x gradient-accumulation-steps")
+    add("--learning-rate", type=float, default=learning_rate, help="peak learning rate")
+    add("--warmup-steps", type=int, default=100, help="linear LR warmup steps")
+    add("--min-lr-ratio", type=float, default=0.1, help="cosine floor as a fraction of the peak")
+    add("--max-steps", type=int, default=None, help="optimizer steps (caps the budget's count)")
+    add("--time-budget-minutes", type=float, default=None, help="wall-clock budget: after ~10 "
+        "steps the step time fixes the total step count (and the LR schedule) so the run ends "
+        "in time; the count is stored in checkpoints so resume is exact")
+    add("--gradient-accumulation-steps", type=int, default=1, help="micro-batches per step")
+    add("--mixed-precision", default="no", help=f"one of {MIXED_PRECISION}; 'no' (fp32) is the "
+        "CPU default, bf16 for GPUs")
+    add("--cpu", action="store_true", help="force the CPU even if a GPU is present")
+    add("--num-threads", type=int, default=0, help="torch CPU threads per process (0 = torch's "
+        "default; on a busy machine 1 can be several times faster than oversubscribed 2)")
+    add("--num-workers", type=int, default=0, help="DataLoader worker processes per rank")
+    add("--max-grad-norm", type=float, default=1.0, help="gradient-norm clip (0 disables)")
+    add("--ema-decay", type=float, default=0.0, help="EMA of weights, e.g. 0.999 (0 = off); "
+        "evaluation and exports then use the averaged weights")
+    add("--checkpoint-every", type=int, default=0, help="save a checkpoint every N steps and "
+        "at the end (0 = never)")
+    add("--keep-checkpoints", type=int, default=2, help="keep the newest K checkpoints")
+    add("--resume", action="store_true", help="continue from the newest complete checkpoint "
+        "in --output-dir (a corrupt one is skipped with a warning); starts fresh if none")
+    add("--eval-every", type=int, default=0, help="validate every N steps and at the end "
+        "(0 = only at the end)")
+    add("--image-every", type=int, default=0, help="write an image grid every N steps and at "
+        "the end (0 = only at the end)")
+    add("--log-every", type=int, default=10, help="write training metrics every N steps")
+    add("--max-nonfinite-steps", type=int, default=10, help="stop after N non-finite steps in "
+        "a row (each is skipped and counted; 0 = never stop)")
+    add("--report-to", default="tensorboard", help=f"one of {REPORT_TO}")
+    add("--no-progress", action="store_true", help="hide the tqdm progress bar")
+    # fmt: on
+
+
+def validate_common_arguments(args: argparse.Namespace) -> None:
+    """ValueError naming the flag, its value and the allowed values."""
+    require_positive(args, "batch_size", "learning_rate", "max_steps", "time_budget_minutes")
+    require_positive(args, "gradient_accumulation_steps", "keep_checkpoints", "log_every")
+    require_non_negative(args, "warmup_steps", "max_grad_norm", "checkpoint_every", "eval_every")
+    require_non_negative(args, "image_every", "max_nonfinite_steps", "num_workers", "num_threads")
+    require_fraction(args, "min_lr_ratio")
+    require_fraction(args, "ema_decay", upper_open=True)
+    require_choice(args, "mixed_precision", MIXED_PRECISION)
+    require_choice(args, "report_to", REPORT_TO)
+    require_steps(args)
+
+
+@dataclasses.dataclass
+class TrainState:
+    """Everything a checkpoint stores as JSON besides accelerate's state and the tensors."""
+
+    step: int = 0
+    total_steps: int | None = None
+    best_metric: float | None = None
+    best_step: int | None = None
+    ema_updates: int = 0
+    nonfinite: dict[str, int] = dataclasses.field(default_factory=dict)
+    job: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class Context:
+    """The objects every helper of a job needs."""
+
+    args: argparse.Namespace
+    accelerator: Accelerator
+    run: RunFolder
+    budget: StepBudget
+    guard: NonFiniteGuard
+    ema: EMA | None
+    ema_model: torch.nn.Module | None = None
+    state: TrainState = dataclasses.field(default_factory=TrainState)
+    last_checkpoint: str | None = None
+
+    @property
+    def checkpoint_root(self) -> Path:
+        return Path(self.args.output_dir) / CHECKPOINTS
+
+
+def make_context(args, accelerator, run, ema_model: torch.nn.Module | None) -> Context:
+    """Budget, guard and (if --ema-decay > 0) the EMA of `ema_model` (the unwrapped model)."""
+    budget = StepBudget(args.time_budget_minutes, args.max_steps, started=run.started)
+    ema = EMA(ema_model, args.ema_decay) if args.ema_decay > 0 and ema_model is not None else None
+    guard = NonFiniteGuard(args.max_nonfinite_steps)
+    return Context(args, accelerator, run, budget, guard, ema, ema_model)
+
+
+def averaged_weights(ctx: Context, model: torch.nn.Module) -> contextlib.AbstractContextManager:
+    """Run `model` (unwrapped) with its EMA weights inside the block when --ema-decay > 0."""
+    return ctx.ema.swapped(model) if ctx.ema is not None else contextlib.nullcontext()
+
+
+def restore(ctx: Context) -> dict[str, torch.Tensor]:
+    """With --resume, load the newest complete checkpoint; returns its extra tensors ({} when
+    there is none)."""
+    if not ctx.args.resume:
+        return {}
+    loaded = load_latest_checkpoint(ctx.accelerator, ctx.checkpoint_root, ctx.run.logger)
+    if loaded is None:
+        ctx.run.info(f"--resume: no checkpoint under {ctx.checkpoint_root}; starting from step 0")
+        return {}
+    folder, values, tensors = loaded
+    ctx.state = config_from_dict(TrainState, values, source=f"{folder}/trainer_state.json")
+    total = ctx.state.total_steps
+    if ctx.args.time_budget_minutes is None and total is not None and ctx.args.max_steps != total:
+        ctx.run.warning(
+            f"--max-steps {ctx.args.max_steps} replaces the checkpoint's total of "
+            f"{total} steps: the LR schedule is stretched from here on"
+        )
+        total = ctx.args.max_steps
+    ctx.budget.restore(total)
+    ctx.guard.load_state_dict(ctx.state.nonfinite)
+    if ctx.ema is not None:
+        ctx.ema.load_state_tensors(tensors, ctx.state.ema_updates)
+    ctx.last_checkpoint = str(folder)
+    ctx.run.truncate_metrics(ctx.state.step)
+    ctx.run.info(f"resumed from {folder} at step {ctx.state.step}")
+    return tensors
+
+
+def checkpoint(
+    ctx: Context, models: list[torch.nn.Module], tensors: dict[str, torch.Tensor]
+) -> None:
+    """Write a checkpoint of the current step (weights are checked finite first)."""
+    for model in models:
+        assert_finite_weights(model, f"checkpoint step {ctx.state.step}")
+    ctx.state.total_steps = ctx.budget.total_steps
+    ctx.state.nonfinite = ctx.guard.state_dict()
+    extra = dict(tensors)
+    if ctx.ema is not None:
+        ctx.state.ema_updates = ctx.ema.num_updates
+        extra.update(ctx.ema.state_tensors())
+    folder = save_checkpoint(
+        ctx.accelerator,
+        ctx.checkpoint_root,
+        ctx.state.step,
+        dataclasses.asdict(ctx.state),
+        extra,
+        keep_last=ctx.args.keep_checkpoints,
+    )
+    ctx.last_checkpoint = str(folder)
+    ctx.run.info(f"checkpoint {folder}")
+
+
+def due(step: int, every: int, is_last: bool) -> bool:
+    """True every `every` steps and at the last step."""
+    return is_last or (every > 0 and step % every == 0)
+
+
+def learning_rate_total(ctx: Context) -> int:
+    """The step count the LR schedule spans (max-steps while the budget is still measuring)."""
+    return ctx.budget.current_total(ctx.args.max_steps or 10**9)
+
+
+def train_loop(
+    ctx: Context,
+    step_fn: Callable[[int], dict[str, float]],
+    periodic_fn: Callable[[int, bool], None],
+) -> None:
+    """Run steps until the total is reached; `periodic_fn(step, is_last)` runs after each."""
+    bar = tqdm(
+        total=ctx.budget.total_steps,
+        initial=ctx.state.step,
+        dynamic_ncols=True,
+        disable=ctx.args.no_progress or not ctx.accelerator.is_main_process,
+    )
+    interval = (ctx.state.step, time.monotonic())  # throughput since the last metrics line
+    while ctx.state.step < ctx.budget.current_total(ctx.args.max_steps or math.inf):
+        metrics = step_fn(ctx.state.step)
+        ctx.state.step += 1
+        if ctx.budget.observe(ctx.state.step, ctx.accelerator):
+            bar.total = ctx.budget.total_steps
+            seconds, total = ctx.budget.seconds_per_step, ctx.budget.total_steps
+            ctx.run.info(
+                f"time budget {ctx.args.time_budget_minutes} min: {seconds:.3f} s/step -> "
+                f"{total} steps in total"
+            )
+        step = ctx.state.step
+        if step % ctx.args.log_every == 0 or step == 1:
+            rate = (step - interval[0]) / max(time.monotonic() - interval[1], 1e-9)
+            interval = (step, time.monotonic())
+            ctx.run.log_metrics(
+                step, {**metrics, "nonfinite_total": ctx.guard.total, "steps_per_second": rate}
+            )
+        bar.update(1)
+        bar.set_postfix({key: f"{metrics[key]:.4f}" for key in list(metrics)[:2]}, refresh=False)
+        periodic_fn(step, step >= ctx.budget.current_total(ctx.args.max_steps or math.inf))
+    bar.close()
+
+
+def finish_step(
+    ctx: Context,
+    pairs: list[tuple[torch.nn.Module, torch.optim.Optimizer]],
+    losses: list[torch.Tensor],
+    terms: dict[str, Any],
+    step: int,
+    on_success: Callable[[], None] | None = None,
+    on_skip: Callable[[], None] | None = None,
+) -> dict[str, float]:
+    """After the backward passes of `step`: skip it on every rank if any rank saw a non-finite
+    loss or gradient, else clip and step each (model, optimizer) pair and update the EMA.
+
+    Returns the step's metrics averaged over ranks, plus lr and whether it was skipped. Raises
+    NonFiniteLossError after --max-nonfinite-steps skips in a row.
+    """
+    args, accelerator = ctx.args, ctx.accelerator
+    # With fp16 the GradScaler already skips steps whose gradients overflow; check only losses.
+    check_grads = args.mixed_precision != "fp16"
+    params = [p for model, _ in pairs for p in model.parameters()] if check_grads else []
+    skipped, metrics = reduce_step(accelerator, locally_nonfinite(losses, params), terms)
+    if skipped:
+        if on_skip is not None:
+            on_skip()
+    else:
+        for model, optimizer in pairs:
+            if args.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+            optimizer.step()
+        if ctx.ema is not None:
+            ctx.ema.update(ctx.ema_model)
+        if on_success is not None:
+            on_success()
+    for _, optimizer in pairs:
+        optimizer.zero_grad(set_to_none=True)
+    ctx.guard.record(skipped, step + 1, ctx.last_checkpoint)
+    lr = pairs[0][1].param_groups[0]["lr"]
+    return {**metrics, "lr": lr, "skipped": float(skipped)}

@@ -1,0 +1,319 @@
+"""Unit tests of scripts/common: faults, schedule, sampler, checkpoints, EMA, guards, budget,
+run folder, optimizer groups and image grids (no training job runs here)."""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import logging
+import math
+import multiprocessing
+
+import numpy as np
+import pytest
+import torch
+from accelerate import Accelerator
+from common import budget as budget_module
+from common import faults
+from common.budget import StepBudget
+from common.checkpoint import (
+    CorruptCheckpointError,
+    list_checkpoints,
+    load_latest_checkpoint,
+    save_checkpoint,
+    verify_checkpoint,
+)
+from common.ema import EMA
+from common.guards import NonFiniteGuard, NonFiniteLossError, StateSnapshot, locally_nonfinite
+from common.images import codes_to_images, tensor_grid
+from common.optim import param_groups
+from common.run_folder import RunFolder
+from common.sampler import StepSampler
+from common.schedule import warmup_cosine
+from torch import nn
+from training_helpers import reset_process_state
+
+
+@pytest.fixture(autouse=True)
+def _clean(monkeypatch):
+    monkeypatch.delenv(faults.ENV, raising=False)
+    reset_process_state()
+    yield
+    reset_process_state()
+
+
+# ---------------------------------------------------------------- faults
+def test_fault_spec_parsing():
+    parsed = faults.parse_faults("mid-step:3, nan-loss:2-4@1,before-rename,nan-loss:5-")
+    assert parsed["mid-step"] == faults.Fault("mid-step", 3, 3, None)
+    assert parsed["nan-loss"] == faults.Fault("nan-loss", 5, math.inf, None)  # last entry wins
+    assert parsed["before-rename"] == faults.Fault("before-rename", 1, 1, None)
+    assert faults.parse_faults("nan-loss:2-4@1")["nan-loss"].rank == 1
+    with pytest.raises(ValueError, match=r"unknown point 'mid-stepp'.*'mid-step'"):
+        faults.parse_faults("mid-stepp:1")
+    with pytest.raises(ValueError, match="malformed"):
+        faults.parse_faults("mid-step:x")
+
+
+def test_fault_fires_on_the_configured_hits_only(monkeypatch):
+    monkeypatch.setenv(faults.ENV, "nan-loss:2-3")
+    assert [faults.fires("nan-loss") for _ in range(5)] == [False, True, True, False, False]
+    assert not faults.fires("mid-step")
+    monkeypatch.setenv(faults.ENV, "nan-loss:1-@1")  # rank 1 only; this process is rank 0
+    assert not faults.fires("nan-loss")
+
+
+def _kill_at_second_hit():
+    faults.reset_hits()
+    faults.kill_point("mid-file")
+    print("survived the first hit", flush=True)
+    faults.kill_point("mid-file")
+    raise SystemExit(3)  # not reached
+
+
+def test_kill_point_sends_sigkill(monkeypatch):
+    monkeypatch.setenv(faults.ENV, "mid-file:2")
+    process = multiprocessing.get_context("fork").Process(target=_kill_at_second_hit)
+    process.start()
+    process.join(timeout=60)
+    assert process.exitcode == -9
+
+
+# ---------------------------------------------------------------- schedule
+def test_warmup_then_cosine_to_the_floor():
+    values = [
+        warmup_cosine(step, total_steps=20, warmup_steps=4, min_ratio=0.1) for step in range(21)
+    ]
+    assert values[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert values[4] == pytest.approx(1.0) and values[20] == pytest.approx(0.1)
+    assert values[12] == pytest.approx(0.55)  # halfway through the cosine
+    assert all(a >= b for a, b in itertools.pairwise(values[4:]))
+    assert warmup_cosine(50, total_steps=20, warmup_steps=4) == pytest.approx(0.1)
+
+
+# ---------------------------------------------------------------- sampler
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_ranks_read_disjoint_slices_of_the_single_process_batch(accumulation):
+    single = StepSampler(11, 4 * accumulation, seed=3)
+    ranks = [
+        StepSampler(11, 2, accumulation=accumulation, world_size=2, rank=r, seed=3)
+        for r in range(2)
+    ]
+    for step in range(7):  # crosses several epochs
+        expected = single.indices(step)[0]
+        got = [ranks[r].indices(step, m)[0] for m in range(accumulation) for r in range(2)]
+        assert sorted(np.concatenate(got).tolist()) == sorted(expected.tolist())
+        assert len(set(np.concatenate(got).tolist())) == 4 * accumulation  # no repeats
+
+
+def test_sampler_covers_each_epoch_once_and_is_a_pure_function_of_the_step():
+    sampler = StepSampler(12, 4, seed=0)
+    first_epoch = np.concatenate([sampler.indices(step)[0] for step in range(3)])
+    assert sorted(first_epoch.tolist()) == list(range(12))
+    second_epoch = np.concatenate([sampler.indices(step)[0] for step in range(3, 6)])
+    assert sorted(second_epoch.tolist()) == list(range(12))
+    assert not np.array_equal(first_epoch, second_epoch)  # reshuffled per epoch
+    fresh = StepSampler(12, 4, seed=0)  # a resumed run: jump straight to step 4
+    assert np.array_equal(fresh.indices(4)[0], sampler.indices(4)[0])
+    assert fresh.indices(4)[1] == 1 and fresh.epoch_of(4) == 1
+    with pytest.raises(ValueError, match="fewer than one global batch of 16"):
+        StepSampler(12, 8, world_size=2)
+
+
+# ---------------------------------------------------------------- checkpoints
+def _saved(tmp_path, steps, keep_last=3):
+    accelerator = Accelerator(cpu=True)
+    model = nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    for step in steps:
+        with torch.no_grad():
+            model.weight.fill_(float(step))
+        save_checkpoint(
+            accelerator,
+            tmp_path,
+            step,
+            {"step": step},
+            {"ema.w": torch.full((2,), step)},
+            keep_last=keep_last,
+        )
+    return accelerator, model
+
+
+def test_checkpoints_are_complete_pruned_and_verified(tmp_path):
+    _saved(tmp_path, [1, 2, 3, 4], keep_last=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000003", "step-00000004"]
+    assert not (tmp_path / "ckpt.tmp").exists()
+    state = verify_checkpoint(tmp_path / "step-00000004")
+    assert state == {"step": 4}
+    manifest = json.loads((tmp_path / "step-00000004" / "manifest.json").read_text())
+    assert {
+        "model.safetensors",
+        "optimizer.bin",
+        "trainer_state.json",
+        "extra_state.safetensors",
+        "random_states_0.pkl",
+    } <= set(manifest["files"])
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (
+            lambda f: (f / "optimizer.bin").write_bytes(b"x"),
+            "optimizer.bin is truncated or altered",
+        ),
+        (lambda f: (f / "extra_state.safetensors").unlink(), "extra_state.safetensors is missing"),
+        (lambda f: (f / "manifest.json").write_text("{"), "manifest.json is missing or unreadable"),
+    ],
+)
+def test_a_damaged_checkpoint_names_the_file_and_resume_falls_back(
+    tmp_path, caplog, damage, message
+):
+    accelerator, model = _saved(tmp_path, [1, 2])
+    damage(tmp_path / "step-00000002")
+    with pytest.raises(CorruptCheckpointError, match=message):
+        verify_checkpoint(tmp_path / "step-00000002")
+    (tmp_path / "ckpt.tmp").mkdir()  # an unfinished write from a killed run
+    logger = logging.getLogger("test-fallback")
+    with caplog.at_level(logging.WARNING, logger="test-fallback"):
+        folder, state, tensors = load_latest_checkpoint(accelerator, tmp_path, logger)
+    assert folder.name == "step-00000001" and state == {"step": 1}
+    assert (
+        torch.equal(tensors["ema.w"], torch.ones(2)) and float(model.weight[0, 0].detach()) == 1.0
+    )
+    assert message in caplog.text and "falling back" in caplog.text
+    assert not (tmp_path / "ckpt.tmp").exists()
+
+
+def test_bit_flip_is_caught_by_the_hash(tmp_path):
+    _saved(tmp_path, [1])
+    path = tmp_path / "step-00000001" / "model.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1
+    path.write_bytes(bytes(data))
+    with pytest.raises(CorruptCheckpointError, match=r"model\.safetensors is corrupt: its sha256"):
+        verify_checkpoint(path.parent)
+
+
+def test_no_complete_checkpoint_is_an_error_and_none_is_a_fresh_start(tmp_path):
+    accelerator, _ = _saved(tmp_path / "a", [1])
+    (tmp_path / "a" / "step-00000001" / "manifest.json").unlink()
+    logger = logging.getLogger("test-none")
+    with pytest.raises(CorruptCheckpointError, match=r"no checkpoint under .* is complete"):
+        load_latest_checkpoint(accelerator, tmp_path / "a", logger)
+    assert load_latest_checkpoint(accelerator, tmp_path / "empty", logger) is None
+
+
+# ---------------------------------------------------------------- EMA
+def test_ema_average_swap_and_round_trip():
+    model = nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(0.0)
+    ema = EMA(model, decay=0.5)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    ema.update(model)  # warm-up decay min(0.5, 1/10) = 0.1 -> 0.9 of the way
+    assert torch.allclose(ema.shadow["weight"], torch.full((1, 2), 0.9))
+    with ema.swapped(model):
+        assert torch.allclose(model.weight, torch.full((1, 2), 0.9))
+    assert torch.equal(model.weight, torch.ones(1, 2))
+    other = EMA(model, decay=0.5)
+    other.load_state_tensors(ema.state_tensors(), ema.num_updates)
+    assert torch.equal(other.shadow["weight"], ema.shadow["weight"]) and other.num_updates == 1
+    with pytest.raises(ValueError, match="EMA state does not match"):
+        other.load_state_tensors({"ema.bias": torch.zeros(1)}, 1)
+
+
+# ---------------------------------------------------------------- guards
+def test_nonfinite_detection_and_consecutive_limit():
+    layer = nn.Linear(2, 1)
+    layer(torch.ones(1, 2)).sum().backward()
+    assert not locally_nonfinite([torch.tensor(1.0)], layer.parameters())
+    assert locally_nonfinite([torch.tensor(float("inf"))], layer.parameters())
+    layer.weight.grad[0, 0] = float("nan")
+    assert locally_nonfinite([torch.tensor(1.0)], layer.parameters())
+    guard = NonFiniteGuard(max_consecutive=2)
+    guard.record(True, 5, "ckpt-a")
+    guard.record(False, 6, "ckpt-a")  # a good step resets the run of failures
+    guard.record(True, 7, "ckpt-a")
+    with pytest.raises(NonFiniteLossError, match="Last good checkpoint: ckpt-b"):
+        guard.record(True, 8, "ckpt-b")
+    assert guard.state_dict() == {"nonfinite_consecutive": 2, "nonfinite_total": 3}
+
+
+def test_snapshot_restores_parameters_and_buffers():
+    quantizer, norm = nn.Embedding(4, 2), nn.BatchNorm1d(2)
+    before = (
+        quantizer.weight.detach().clone(),
+        norm.running_mean.clone(),
+        norm.weight.detach().clone(),
+    )
+    snapshot = StateSnapshot(full=[quantizer], buffers_only=[norm])
+    snapshot.capture()
+    with torch.no_grad():
+        quantizer.weight.add_(1.0)
+        norm.weight.add_(1.0)
+    norm(torch.randn(8, 2))  # updates running statistics
+    snapshot.restore()
+    assert torch.equal(quantizer.weight, before[0]) and torch.equal(norm.running_mean, before[1])
+    assert torch.equal(norm.weight, before[2] + 1.0)  # parameters of buffers_only modules untouched
+
+
+# ---------------------------------------------------------------- budget
+def test_budget_fixes_the_step_count_after_the_measurement_window(monkeypatch):
+    clock = {"now": 100.0}
+    monkeypatch.setattr(budget_module.time, "monotonic", lambda: clock["now"])
+    accelerator = Accelerator(cpu=True)
+    budget = StepBudget(
+        minutes=1.0, max_steps=None, measure_steps=4, safety=1.0, reserve_seconds=0.0
+    )
+    assert budget.total_steps is None and budget.current_total(77) == 77
+    fixed = []
+    for step in range(1, 7):
+        clock["now"] += 2.0  # 2 s per step
+        fixed.append(budget.observe(step, accelerator))
+    assert fixed == [False, False, False, False, True, False]
+    # 5 steps took 10 s of 60: 50 s left at 2 s per step -> 25 more steps
+    assert budget.seconds_per_step == pytest.approx(2.0) and budget.total_steps == 5 + 25
+    capped = StepBudget(minutes=1.0, max_steps=12, measure_steps=1, safety=1.0, reserve_seconds=0.0)
+    for step in range(1, 3):
+        clock["now"] += 2.0
+        capped.observe(step, accelerator)
+    assert capped.total_steps == 12
+    assert StepBudget(minutes=None, max_steps=9).total_steps == 9
+
+
+# ---------------------------------------------------------------- run folder, optim, images
+def test_metrics_after_the_resumed_step_are_dropped(tmp_path):
+    args = argparse.Namespace(output_dir=tmp_path, report_to="none", value=[1, 2])
+    accelerator = Accelerator(cpu=True)
+    run = RunFolder(accelerator, args, "test")
+    for step in range(1, 5):
+        run.log_metrics(step, {"loss": step / 10})
+    with open(tmp_path / "metrics.jsonl", "a") as handle:
+        handle.write('{"step": 5, "lo')  # a line cut off by a kill
+    run.truncate_metrics(after_step=2)
+    run.close()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows == [{"step": 1, "loss": 0.1}, {"step": 2, "loss": 0.2}]
+    assert json.loads((tmp_path / "args.json").read_text())["value"] == [1, 2]
+
+
+def test_no_weight_decay_on_norms_biases_and_embeddings():
+    model = nn.Sequential(nn.Embedding(5, 4), nn.Linear(4, 4), nn.LayerNorm(4))
+    decay, no_decay = param_groups(model, 0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert [p.shape for p in decay["params"]] == [torch.Size([4, 4])]
+    assert len(no_decay["params"]) == 4  # embedding, linear bias, norm weight and bias
+
+
+def test_grids_tile_images_and_colour_codes():
+    images = torch.linspace(-1, 1, 5 * 3 * 4 * 4).view(5, 3, 4, 4)
+    grid = tensor_grid(images, columns=3, padding=1)
+    assert grid.shape == (2 * 5 + 1, 3 * 5 + 1, 3) and grid.dtype == np.uint8
+    assert (grid[0] == 255).all() and grid[1, 1, 0] == 0  # white padding, first pixel is -1
+    coloured = codes_to_images(torch.tensor([[[0, 1], [1, 0]]]), codebook_size=2, scale=2)
+    assert coloured.shape == (1, 3, 4, 4)
+    assert torch.equal(coloured[0, :, 0, 0], coloured[0, :, 2, 2])  # same code, same colour
