@@ -1,0 +1,317 @@
+"""Evaluate a pipeline folder: Shapes judge accuracy, a guidance sweep, tokenizer PSNR, FID/KID.
+
+    python scripts/evaluate_pipeline.py --pipeline outputs/demo/pipeline --num-prompts 200 \
+        --held-out --sweep-guidance 1,1.5,2,3 --out outputs/demo/evaluation.json
+
+Protocol (no figure is chosen on the prompts it reports):
+- The sweep samples one image per prompt for `--num-validation-prompts` prompts of the Shapes
+  *validation* split (seen colour-shape pairs only), with validation sampling seeds, and picks
+  the scale with the highest all-attributes-correct rate (ties: the earlier scale in the list).
+  The chosen scale becomes the pipeline's saved default (`pipeline_config.json`, rewritten
+  atomically) unless `--no-save-default`.
+- Test figures use `--num-prompts` prompts of the Shapes *test* split with different sampling
+  seeds: seen pairs, and with `--held-out` as many prompts whose colour-shape pair never
+  appeared in training. They are reported at the evaluation scale and without CFG (scale 1).
+- "all_correct" means colour, shape, size, position, background right and the image clean
+  (`pipelines.data.judge`).
+
+Real data: `--reference-dir DIR` samples one image per reference caption and reports FID and KID
+(torchmetrics) against the reference images when Inception weights are available
+(`--inception-weights FILE`, or torch-fidelity's cached file); otherwise it says why it can't.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipelines import TextToImagePipeline
+from pipelines.data.judge import judge_batch
+from pipelines.data.shapes import make_shapes_dataset
+from pipelines.serialization import update_pipeline_config
+
+INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's FID InceptionV3
+SEED_OFFSETS = {"validation": 1, "test_seen": 2, "test_held_out": 3, "reference": 4}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--pipeline", type=Path, required=True, help="pipeline folder")
+    parser.add_argument("--num-prompts", type=int, default=200, help="test prompts per group")
+    parser.add_argument("--held-out", action="store_true", help="also test held-out pairs")
+    parser.add_argument("--sweep-guidance", default=None, help="comma list, e.g. 1,1.5,2,3")
+    parser.add_argument("--sweep-temperature", default=None, help="comma list, e.g. 1,0.8")
+    parser.add_argument("--sweep-top-k", default=None, help="comma list; 0 means no top-k")
+    parser.add_argument("--num-validation-prompts", type=int, default=200)
+    parser.add_argument("--no-save-default", action="store_true", help="don't store the best")
+    parser.add_argument("--guidance-scale", type=float, default=None, help="default: saved/best")
+    parser.add_argument("--temperature", type=float, default=None, help="default: saved/best")
+    parser.add_argument("--top-k", type=int, default=None, help="default: saved/best; 0: none")
+    parser.add_argument("--tokenizer-images", type=int, default=0, help="PSNR/usage images")
+    parser.add_argument("--reference-dir", type=Path, default=None, help="real images + captions")
+    parser.add_argument("--reference-split", default=None, help="default: validation if any")
+    parser.add_argument("--inception-weights", type=Path, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=100, help="images per sampling batch")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", type=Path, default=None, help="write the JSON report here")
+    args = parser.parse_args(argv)
+    for name in ("num_prompts", "num_validation_prompts", "batch_size"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1")
+    try:
+        args.sweep = sweep_grid(args)
+    except ValueError as error:
+        parser.error(str(error))
+    return args
+
+
+def parse_list(flag: str, text: str, kind: type, low: float) -> list:
+    """'1,1.5,2' -> [1.0, 1.5, 2.0]; ValueError naming the flag for anything else."""
+    try:
+        values = [kind(part) for part in text.split(",") if part.strip()]
+    except ValueError as error:
+        raise ValueError(f"{flag} {text!r}: use comma-separated numbers") from error
+    if not values or any(not math.isfinite(value) or value < low for value in values):
+        raise ValueError(f"{flag} {text!r}: use one or more finite values >= {low}")
+    return values
+
+
+def sweep_grid(args: argparse.Namespace) -> list[dict] | None:
+    """Every combination of the swept values (None: no sweep); unswept knobs keep the default."""
+    flags = {
+        "guidance_scale": ("--sweep-guidance", args.sweep_guidance, float, 0.0),
+        "temperature": ("--sweep-temperature", args.sweep_temperature, float, 1e-3),
+        "top_k": ("--sweep-top-k", args.sweep_top_k, int, 0),
+    }
+    grid: list[dict] = [{}]
+    for knob, (flag, text, kind, low) in flags.items():
+        if text is not None:
+            values = [value or None for value in parse_list(flag, text, kind, low)]
+            grid = [{**point, knob: value} for point in grid for value in values]
+    return grid if grid != [{}] else None
+
+
+def shapes_prompts(split: str, count: int, held_out: bool, seed: int) -> list[dict]:
+    """`count` Shapes records (caption + attributes) of `split`; held-out pairs only or none."""
+    dataset = make_shapes_dataset(
+        split, count, resolution=32, seed=seed, held_out_fraction=1.0 if held_out else 0.0
+    )
+    return [dict(row) for row in dataset.remove_columns("image")]
+
+
+def judge_prompts(
+    pipeline: TextToImagePipeline, records: list[dict], setting: dict, seed: int, batch: int
+) -> dict:
+    """One image per record with the sampling `setting`, judged against the record's attributes."""
+    generator = torch.Generator(pipeline.device).manual_seed(seed)
+    output = pipeline(
+        [record["caption"] for record in records],
+        generator=generator,
+        max_batch_size=batch,
+        show_progress=False,
+        **setting,
+    )
+    images = output.images
+    if images[0].size[0] != 32:  # the judge's thresholds are absolute; Shapes is judged at 32 px
+        images = [image.resize((32, 32), resample=3) for image in images]
+    return {**setting, **judge_batch(images, records)}
+
+
+def run_sweep(pipeline: TextToImagePipeline, args: argparse.Namespace, default: dict) -> dict:
+    """Judge each setting of the grid on validation prompts; returns the table and the best."""
+    records = shapes_prompts("validation", args.num_validation_prompts, False, args.seed)
+    seed = args.seed * 1000 + SEED_OFFSETS["validation"]
+    table = []
+    for point in args.sweep:
+        row = judge_prompts(pipeline, records, {**default, **point}, seed, args.batch_size)
+        table.append(row)
+        knobs = ", ".join(f"{key} {row[key]}" for key in default)
+        print(f"  sweep {knobs}: all correct {row['all_correct']:.3f}", flush=True)
+    best = max(table, key=lambda row: row["all_correct"])  # max keeps the first of equals
+    return {
+        "split": "validation",
+        "num_prompts": len(records),
+        "criterion": "all_correct on seen validation prompts",
+        "results": table,
+        "chosen": {key: best[key] for key in default},
+    }
+
+
+def run_tests(pipeline: TextToImagePipeline, args: argparse.Namespace, setting: dict) -> dict:
+    """Test-split figures with `setting` and without CFG, for seen (and held-out) pairs."""
+    groups = {"seen": False, **({"held_out": True} if args.held_out else {})}
+    report: dict = {"split": "test"}
+    settings = {"with_cfg": setting, "without_cfg": {**setting, "guidance_scale": 1.0}}
+    for group, held_out in groups.items():
+        records = shapes_prompts("test", args.num_prompts, held_out, args.seed)
+        seed = args.seed * 1000 + SEED_OFFSETS[f"test_{group}"]
+        for label, value in settings.items():
+            report.setdefault(label, {})[group] = judge_prompts(
+                pipeline, records, value, seed, args.batch_size
+            )
+    return report
+
+
+def tokenizer_metrics(image_tokenizer, count: int, resolution: int, seed: int, batch: int) -> dict:
+    """PSNR (dB, mean over images, pixels in [0, 1]) and codebook usage on Shapes validation."""
+    dataset = make_shapes_dataset("validation", count, resolution=resolution, seed=seed)
+    pixels = np.stack([np.asarray(image, np.float32) for image in dataset["image"]])  # (N,H,W,3)
+    images = torch.from_numpy(pixels).permute(0, 3, 1, 2) / 127.5 - 1.0  # (N, 3, H, W)
+    module = isinstance(image_tokenizer, torch.nn.Module)
+    device = next(image_tokenizer.parameters()).device if module else torch.device("cpu")
+    codes, errors = [], []
+    with torch.inference_mode():
+        for chunk in images.split(batch):
+            chunk_codes = image_tokenizer.encode(chunk.to(device))  # (b, h, w)
+            recon = image_tokenizer.decode(chunk_codes).float().cpu()  # (b, 3, H, W)
+            errors.append(((recon - chunk) / 2).pow(2).mean(dim=(1, 2, 3)))  # (b,)
+            codes.append(chunk_codes.cpu())
+    mse = torch.cat(errors).clamp_min(1e-10)  # (N,)
+    used = torch.unique(torch.cat(codes)).numel()
+    return {
+        "split": "validation",
+        "num_images": count,
+        "psnr_db": float((10 * torch.log10(1.0 / mse)).mean()),
+        "codebook_usage": used / image_tokenizer.codebook_size,
+        "codes_used": used,
+        "codebook_size": image_tokenizer.codebook_size,
+    }
+
+
+def inception_weights(path: Path | None) -> Path | None:
+    """The given weights file, or torch-fidelity's cached one, or None if neither exists."""
+    if path is not None:
+        if not path.is_file():
+            raise FileNotFoundError(f"--inception-weights {path} does not exist")
+        return path
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
+    return cached if cached.is_file() else None
+
+
+def fid_kid(real: torch.Tensor, fake: torch.Tensor, feature, weights: Path | None = None) -> dict:
+    """FID and KID between uint8 image batches (N, 3, H, W); `feature` is 2048 (InceptionV3,
+    which then needs `weights`) or an nn.Module with `num_features` (tests, custom networks)."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    options = {} if weights is None else {"feature_extractor_weights_path": str(weights)}
+    subset = min(50, real.shape[0], fake.shape[0])
+    fid = FrechetInceptionDistance(feature=feature, **options)
+    kid = KernelInceptionDistance(feature=feature, subset_size=subset, **options)
+    for metric in (fid, kid):
+        metric.update(real, real=True)
+        metric.update(fake, real=False)
+    kid_mean, kid_std = kid.compute()
+    return {"fid": float(fid.compute()), "kid": float(kid_mean), "kid_std": float(kid_std)}
+
+
+def reference_metrics(pipeline: TextToImagePipeline, args: argparse.Namespace, feature=2048):
+    """Sample one image per reference caption and compare with the reference images."""
+    from pipelines.data.images import load_image_caption_dataset
+    from pipelines.data.sources import available_splits
+
+    if not args.reference_dir.is_dir():
+        raise FileNotFoundError(f"--reference-dir {args.reference_dir} is not a folder")
+    weights = inception_weights(args.inception_weights)
+    if feature == 2048 and weights is None:
+        message = (
+            f"FID/KID skipped: InceptionV3 weights ({INCEPTION_FILE}) are not on this machine and "
+            "are never downloaded here; pass --inception-weights FILE"
+        )
+        print(message)
+        return {"fid": None, "kid": None, "message": message}
+    split = args.reference_split
+    if split is None:
+        split = "validation" if "validation" in available_splits(args.reference_dir) else "train"
+    dataset = load_image_caption_dataset(
+        args.reference_dir, split=split, resolution=pipeline.config.resolution
+    )
+    count = min(len(dataset), args.num_prompts)
+    items = [dataset[index] for index in range(count)]
+    real = torch.stack([((item["image"] + 1) * 127.5).round() for item in items]).to(torch.uint8)
+    generator = torch.Generator(pipeline.device).manual_seed(args.seed * 1000 + 4)
+    fake = pipeline(
+        [item["caption"] for item in items],
+        generator=generator,
+        output_type="pt",
+        max_batch_size=args.batch_size,
+        show_progress=False,
+    ).images
+    fake = (fake * 255).round().to(torch.uint8)  # (N, 3, H, W)
+    return {"num_images": count, "split": split, **fid_kid(real, fake, feature, weights)}
+
+
+def main(args: argparse.Namespace) -> dict:
+    start = time.perf_counter()
+    pipeline = TextToImagePipeline.from_pretrained(args.pipeline).to(args.device)
+    report: dict = {"pipeline": str(args.pipeline), "seed": args.seed}
+    if args.tokenizer_images > 0:
+        report["tokenizer"] = tokenizer_metrics(
+            pipeline.image_tokenizer,
+            args.tokenizer_images,
+            pipeline.config.resolution,
+            args.seed,
+            args.batch_size,
+        )
+    config = pipeline.config
+    setting = {"guidance_scale": config.guidance_scale, "temperature": config.temperature}
+    setting["top_k"] = config.top_k
+    if args.sweep:
+        report["sweep"] = run_sweep(pipeline, args, setting)
+        setting = {**setting, **report["sweep"]["chosen"]}
+        if not args.no_save_default:
+            update_pipeline_config(args.pipeline, **report["sweep"]["chosen"])
+            print(f"stored {report['sweep']['chosen']} as the defaults of {args.pipeline}")
+    for key in ("guidance_scale", "temperature", "top_k"):  # explicit flags win; --top-k 0: none
+        if getattr(args, key) is not None:
+            setting[key] = getattr(args, key) or None if key == "top_k" else getattr(args, key)
+    report["sampling"] = {**vars(config), **setting}
+    report["test"] = run_tests(pipeline, args, setting)
+    if args.reference_dir is not None:
+        report["reference"] = reference_metrics(pipeline, args)
+    report["seconds"] = round(time.perf_counter() - start, 2)
+    text = json.dumps(report, indent=2)
+    if args.out is None:
+        print(text)
+        return report
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text + "\n")
+    print_summary(report)
+    print(f"wrote {args.out}")
+    return report
+
+
+def print_summary(report: dict) -> None:
+    """One line per test group: all-correct and per-attribute accuracies."""
+    if "tokenizer" in report:
+        tokenizer = report["tokenizer"]
+        print(
+            f"  tokenizer: PSNR {tokenizer['psnr_db']:.2f} dB, usage {tokenizer['codebook_usage']:.3f}"
+        )
+    for label, groups in report["test"].items():
+        if label == "split":
+            continue
+        for group, row in groups.items():
+            attributes = ", ".join(
+                f"{key} {row[key]:.2f}"
+                for key in ("color", "shape", "size", "position", "background", "clean")
+            )
+            print(
+                f"  test {group:8s} guidance {row['guidance_scale']:g}: all correct "
+                f"{row['all_correct']:.3f} ({attributes})"
+            )
+
+
+if __name__ == "__main__":
+    try:
+        main(parse_args())
+    except (ValueError, FileNotFoundError) as error:
+        sys.exit(f"error: {error}")

@@ -1,0 +1,78 @@
+"""Assemble trained components into one pipeline folder.
+
+    python scripts/make_pipeline.py --image-tokenizer runs/tokenizer/final \
+        --prior runs/prior/final --text-tokenizer runs/prior/final/text_tokenizer \
+        --out runs/pipeline --guidance-scale 1.5
+
+The folder loads with `TextToImagePipeline.from_pretrained(out)`. Components are checked against
+each other (codebook size, code grid, text length) before anything is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+from pipelines import PipelineConfig, TextToImagePipeline
+from prior import Prior, TextTokenizer
+from tokenizer import VQGAN
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--image-tokenizer", type=Path, required=True, help="VQGAN folder")
+    parser.add_argument("--prior", type=Path, required=True, help="Prior folder")
+    parser.add_argument(
+        "--text-tokenizer",
+        type=Path,
+        required=True,
+        help="TextTokenizer folder, local HF tokenizer folder or SentencePiece .model file",
+    )
+    parser.add_argument("--out", type=Path, required=True, help="pipeline folder to write")
+    parser.add_argument("--resolution", type=int, default=None, help="default: the tokenizer's")
+    parser.add_argument("--guidance-scale", type=float, default=None)
+    parser.add_argument("--temperature", type=float, default=None)
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--max-batch-size", type=int, default=None)
+    return parser.parse_args(argv)
+
+
+def sampling_config(args: argparse.Namespace, image_tokenizer: VQGAN) -> PipelineConfig:
+    """PipelineConfig from the flags; flags left unset keep the dataclass defaults."""
+    resolution = args.resolution or image_tokenizer.config.resolution
+    overrides = {
+        "guidance_scale": args.guidance_scale,
+        "temperature": args.temperature,
+        "top_k": args.top_k,
+        "top_p": args.top_p,
+        "max_batch_size": args.max_batch_size,
+    }
+    config = PipelineConfig(resolution=resolution)
+    given = {key: value for key, value in overrides.items() if value is not None}
+    return dataclasses.replace(config, **given)
+
+
+def main(args: argparse.Namespace) -> Path:
+    for flag, path in (
+        ("--image-tokenizer", args.image_tokenizer),
+        ("--prior", args.prior),
+        ("--text-tokenizer", args.text_tokenizer),
+    ):
+        if not path.exists():
+            raise FileNotFoundError(f"{flag} {path} does not exist; pass a saved component folder")
+    image_tokenizer = VQGAN.from_pretrained(args.image_tokenizer)
+    prior = Prior.from_pretrained(args.prior)
+    text_tokenizer = TextTokenizer.from_pretrained(args.text_tokenizer)
+    config = sampling_config(args, image_tokenizer)
+    pipeline = TextToImagePipeline(image_tokenizer, prior, text_tokenizer, config=config)
+    out = pipeline.save_pretrained(args.out)
+    print(f"wrote pipeline to {out}")
+    print(json.dumps(dataclasses.asdict(pipeline.config), indent=2))
+    return out
+
+
+if __name__ == "__main__":
+    main(parse_args())

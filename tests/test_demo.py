@@ -1,0 +1,68 @@
+"""A micro-budget smoke run of scripts/demo.py: the real jobs as subprocesses, 2 steps each."""
+
+from __future__ import annotations
+
+import json
+
+import demo
+import pytest
+from PIL import Image
+
+MICRO = [
+    *("--budget-minutes", "0.2", "--tokenizer-steps", "2", "--prior-steps", "2"),
+    *("--num-train-images", "64", "--num-test-prompts", "3", "--num-validation-prompts", "3"),
+    *("--tokenizer-images", "8", "--sweep-guidance", "1,2"),
+    *("--tokenizer-batch-size", "8", "--prior-batch-size", "8"),
+]
+
+
+@pytest.mark.slow
+def test_demo_micro_budget_then_reuse(tmp_path, capsys, monkeypatch):
+    # The jobs inherit this: one intra-op thread is much faster for tiny steps on a busy CPU.
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    out = tmp_path / "demo"
+    metrics = demo.main(demo.parse_args([*MICRO, "--output-dir", str(out)]))
+    printed = capsys.readouterr().out
+    for index, stage in enumerate(demo.STAGES, 1):
+        assert f"[{index}/5] {stage}" in printed
+    for script in ("train_tokenizer.py", "extract_codes.py", "train_prior.py", "make_pipeline.py"):
+        assert f"scripts/{script}" in printed  # each job's command line is shown
+    assert "(held-out pair)" in printed
+    assert set(metrics["stage_seconds"]) == set(demo.STAGES)
+    assert json.loads((out / "metrics.json").read_text()) == metrics
+    for name in ("tokenizer_psnr_db", "codebook_usage", "all_correct_with_cfg"):
+        assert metrics["targets"][name]["value"] == metrics[name]
+    assert metrics["num_test_prompts"] == {"seen": 3, "held_out": 3}
+    assert set(metrics["per_attribute"]["with_cfg"]["held_out"]) >= {"shape", "clean"}
+    assert str(metrics["guidance_scale"]) in {"1.0", "2.0"}
+    columns = demo.GRID_IMAGES_PER_PROMPT * demo.GRID_PROMPTS_PER_ROW
+    rows = len(demo.grid_records()) * demo.GRID_IMAGES_PER_PROMPT // columns
+    side = 32 * demo.GRID_SCALE
+    assert Image.open(out / "grid.png").size == (columns * (side + 2) + 2, rows * (side + 2) + 2)
+
+    again = demo.main(demo.parse_args([*MICRO, "--output-dir", str(out)]))
+    assert "reusing" in capsys.readouterr().out
+    assert again["stage_seconds"] == metrics["stage_seconds"]  # reused stages keep their times
+    assert again["this_run_seconds"] < sum(metrics["stage_seconds"].values())
+
+
+def test_demo_refuses_outputs_made_with_other_settings(tmp_path):
+    args = demo.parse_args(["--output-dir", str(tmp_path)])
+    demo.save_state(tmp_path, {"settings": demo.settings_key(args), "stages": {}})
+    other = demo.parse_args(["--output-dir", str(tmp_path), "--seed", "1"])
+    with pytest.raises(ValueError, match="--fresh"):
+        demo.load_state(tmp_path, demo.settings_key(other))
+
+
+def test_grid_prompts_mark_the_held_out_pairs():
+    from pipelines.data.shapes import is_held_out
+
+    records = demo.grid_records()
+    assert [is_held_out(record) for record in records] == [False] * 12 + [True] * 4
+    assert records[1]["caption"] == "a small blue square in the top left on a gray background"
+
+
+@pytest.mark.parametrize("flag", ["--budget-minutes=0", "--prior-steps=0", "--resolution=64"])
+def test_demo_rejects_bad_flags(flag):
+    with pytest.raises(SystemExit):
+        demo.parse_args([flag])
