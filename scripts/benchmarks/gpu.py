@@ -1,0 +1,171 @@
+"""`bench.py gpu`: one prepared accelerator run of at most about 5 minutes, writing JSON.
+
+Measures, on one CUDA device:
+- the bf16 matmul peak (8192^3, median of runs) beside the card's dense bf16 spec;
+- prior training with bf16 autocast and `torch.compile`: tokens/s and MFU against both;
+- sampling latency and throughput at 256 image tokens with CFG, batch 1 and 64;
+- tokenizer encode and decode throughput at 256 px (bf16 autocast).
+
+The prior is the "B" preset (d_model 768, 12 layers, 12 heads, 16384 codes, 128 text tokens:
+LlamaGen GPT-B scale, about 111M parameters); the tokenizer is taming's f16 architecture with
+16384 codes. Only torch and this source tree are imported: no transformers, datasets or
+diffusers. `--smoke` shrinks every model so the same code runs on CPU in seconds.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from benchmarks.common import Settings, matmul_peak_flops, time_one
+
+# Dense bf16 tensor-core peaks from the vendors' spec sheets (no sparsity), TFLOP/s.
+SPEC_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0}
+
+
+def spec_peak(device: torch.device) -> float | None:
+    """The spec-sheet dense bf16 FLOP/s of the card, when its name is known."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, tflops in SPEC_BF16_TFLOPS.items():
+        if key in name:
+            return tflops * 1e12
+    return None
+
+
+def _prior_config(settings: Settings):
+    from prior import PriorConfig
+
+    if settings.smoke:
+        return PriorConfig.from_preset("cpu-tiny", image_grid=(4, 4), text_length=8)
+    return PriorConfig.from_preset("B", dropout=0.0)
+
+
+def bench_train(settings: Settings, batch: int, steps: int, compile_model: bool) -> dict:
+    """bf16 autocast + optional torch.compile training steps; per-step median after warm-up."""
+    from benchmarks.priors import build_prior, random_text, training_flops
+
+    config = _prior_config(settings)
+    model = build_prior(config, settings.seed, settings.device).train()
+    text = random_text(config, batch, settings.seed, settings.device)
+    shape = (batch, *config.image_grid)
+    codes = torch.randint(0, config.codebook_size, shape, device=settings.device)
+    fused = settings.device != "cpu"
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused)
+    forward = torch.compile(model) if compile_model else model
+    device_type = torch.device(settings.device).type
+
+    def step() -> None:
+        with torch.autocast(device_type, dtype=torch.bfloat16):
+            loss = forward(text, codes).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    start = time.perf_counter()
+    step()  # compilation happens here
+    compile_s = time.perf_counter() - start
+    warm = Settings(**{**settings.__dict__, "runs": steps, "warmup": 2})
+    seconds, raw = time_one(step, warm, inference=False)
+    flops, formula = training_flops(config, batch)
+    return {
+        "parameters": model.num_parameters(),
+        "batch": batch,
+        "sequence_length": config.sequence_length,
+        "tokens_per_s": batch * config.sequence_length / seconds,
+        "step_s": seconds,
+        "step_s_all": raw,
+        "first_step_s": compile_s,
+        "flops_per_step": flops,
+        "flops_formula": formula,
+        "achieved_flops": flops / seconds,
+        "compiled": compile_model,
+    }
+
+
+def bench_sampling(settings: Settings, batches: tuple[int, ...], compile_step: bool) -> dict:
+    """Latency (seconds per call) and image tokens/s of CFG sampling at each batch size."""
+    from benchmarks.priors import build_prior, random_text
+    from prior import generate
+
+    config = _prior_config(settings)
+    model = build_prior(config, settings.seed, settings.device).eval()
+    null = torch.zeros(config.text_length, dtype=torch.long, device=settings.device)
+    device_type = torch.device(settings.device).type
+    result = {}
+    for batch in batches:
+        text = random_text(config, batch, settings.seed, settings.device)
+
+        def run(text=text) -> torch.Tensor:
+            generator = torch.Generator(device=settings.device).manual_seed(settings.seed)
+            with torch.autocast(device_type, dtype=torch.bfloat16):
+                return generate(model, text, null_text_ids=null, guidance_scale=4.0,
+                                generator=generator, compile_decode_step=compile_step)  # fmt: skip
+
+        seconds, raw = time_one(run, settings)
+        result[f"batch_{batch}"] = {
+            "latency_s": seconds,
+            "image_tokens_per_s": batch * config.num_image_tokens / seconds,
+            "images_per_s": batch / seconds,
+            "seconds_all": raw,
+        }
+    result.update(image_tokens=config.num_image_tokens, cfg=True, compiled_step=compile_step)
+    return result
+
+
+def bench_tokenizer(settings: Settings, batch: int) -> dict:
+    """Encode and decode images/s at the tokenizer's resolution under bf16 autocast."""
+    from tokenizer import VQGAN, VQGANConfig
+
+    name = "cpu-tiny" if settings.smoke else "taming-f16-16384"
+    torch.manual_seed(settings.seed)
+    model = VQGAN(VQGANConfig.from_preset(name)).to(settings.device).eval()
+    size = model.config.resolution
+    images = torch.rand(batch, 3, size, size, device=settings.device) * 2 - 1
+    codes = model.encode(images)
+    device_type = torch.device(settings.device).type
+
+    def encode() -> torch.Tensor:
+        with torch.autocast(device_type, dtype=torch.bfloat16):
+            return model.encode(images)
+
+    def decode() -> torch.Tensor:
+        with torch.autocast(device_type, dtype=torch.bfloat16):
+            return model.decode(codes)
+
+    encode_s, _ = time_one(encode, settings)
+    decode_s, _ = time_one(decode, settings)
+    return {"preset": name, "resolution": size, "batch": batch,
+            "encode_images_per_s": batch / encode_s, "decode_images_per_s": batch / decode_s}  # fmt: skip
+
+
+def run_gpu(settings: Settings, compile_model: bool = True) -> dict:
+    """Every GPU measurement; returns a JSON-able dict (see the module docstring)."""
+    device = torch.device(settings.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            "--device cuda but torch.cuda.is_available() is False; use --smoke --device cpu"
+        )
+    torch.backends.cuda.matmul.allow_tf32 = True
+    size = 512 if settings.smoke else 8192
+    measured = matmul_peak_flops(size, torch.bfloat16, settings, device)
+    spec = spec_peak(device)
+    train = bench_train(settings, 2 if settings.smoke else 64, settings.runs + 5, compile_model)
+    sampling = bench_sampling(settings, (1, 2) if settings.smoke else (1, 64), compile_model)
+    tokenizer = bench_tokenizer(settings, 2 if settings.smoke else 32)
+    train["mfu_vs_measured_peak"] = train["achieved_flops"] / measured
+    train["mfu_vs_spec_peak"] = None if spec is None else train["achieved_flops"] / spec
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (smoke)"
+    return {
+        "device": name,
+        "torch": torch.__version__,
+        "model": "prior preset 'B' (LlamaGen GPT-B scale)" if not settings.smoke else "cpu-tiny",
+        "bf16_matmul_peak_measured_flops": measured,
+        "bf16_matmul_size": size,
+        "bf16_peak_spec_flops": spec,
+        "train": train,
+        "sampling": sampling,
+        "tokenizer": tokenizer,
+    }
