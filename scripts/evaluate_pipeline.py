@@ -49,7 +49,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sweep-guidance", default=None, help="comma list, e.g. 1,1.5,2,3")
     parser.add_argument("--sweep-temperature", default=None, help="comma list, e.g. 1,0.8")
     parser.add_argument("--sweep-top-k", default=None, help="comma list; 0 means no top-k")
-    parser.add_argument("--num-validation-prompts", type=int, default=200)
+    parser.add_argument(
+        "--num-validation-prompts",
+        type=int,
+        default=200,
+        help="validation prompts the sweeps choose on (never the test prompts)",
+    )
     parser.add_argument("--no-save-default", action="store_true", help="don't store the best")
     parser.add_argument("--guidance-scale", type=float, default=None, help="default: saved/best")
     parser.add_argument("--temperature", type=float, default=None, help="default: saved/best")
@@ -57,10 +62,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tokenizer-images", type=int, default=0, help="PSNR/usage images")
     parser.add_argument("--reference-dir", type=Path, default=None, help="real images + captions")
     parser.add_argument("--reference-split", default=None, help="default: validation if any")
-    parser.add_argument("--inception-weights", type=Path, default=None)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--inception-weights",
+        type=Path,
+        default=None,
+        help="FID Inception weights (.pth) for --reference-dir; none are downloaded",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of prompts and generators")
     parser.add_argument("--batch-size", type=int, default=100, help="images per sampling batch")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     parser.add_argument("--out", type=Path, default=None, help="write the JSON report here")
     args = parser.parse_args(argv)
     for name in ("num_prompts", "num_validation_prompts", "batch_size"):

@@ -232,7 +232,9 @@ def job_is_done(out: Path, job_id: str) -> bool:
 
 def main(args: argparse.Namespace) -> Path:
     """Run the extraction; returns the output folder."""
-    accelerator = Accelerator()
+    # Without a GPU, CPU mode makes `accelerate launch --multi_gpu` ranks join one gloo group;
+    # otherwise accelerate 1.x gives every rank a world of its own.
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched > accelerator.num_processes:
         raise RuntimeError(

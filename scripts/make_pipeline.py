@@ -1,7 +1,7 @@
 """Assemble trained components into one pipeline folder.
 
     python scripts/make_pipeline.py --image-tokenizer runs/tokenizer/final \
-        --prior runs/prior/final --text-tokenizer runs/prior/final/text_tokenizer \
+        --prior runs/prior/final/prior --text-tokenizer runs/prior/final/text_tokenizer \
         --out runs/pipeline --guidance-scale 1.5
 
 The folder loads with `TextToImagePipeline.from_pretrained(out)`. Components are checked against
@@ -32,11 +32,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--out", type=Path, required=True, help="pipeline folder to write")
     parser.add_argument("--resolution", type=int, default=None, help="default: the tokenizer's")
-    parser.add_argument("--guidance-scale", type=float, default=None)
-    parser.add_argument("--temperature", type=float, default=None)
-    parser.add_argument("--top-k", type=int, default=None)
-    parser.add_argument("--top-p", type=float, default=None)
-    parser.add_argument("--max-batch-size", type=int, default=None)
+    parser.add_argument(
+        "--guidance-scale", type=float, default=None, help="default sampling guidance (>= 0)"
+    )
+    parser.add_argument(
+        "--temperature", type=float, default=None, help="default sampling temperature (> 0)"
+    )
+    parser.add_argument(
+        "--top-k", type=int, default=None, help="default top-k; unset keeps all codes"
+    )
+    parser.add_argument("--top-p", type=float, default=None, help="default nucleus mass in (0, 1]")
+    parser.add_argument(
+        "--max-batch-size",
+        type=int,
+        default=None,
+        help="images per prior forward; larger requests are chunked",
+    )
     return parser.parse_args(argv)
 
 

@@ -28,8 +28,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--pipeline", type=Path, required=True, help="pipeline folder")
     parser.add_argument("--prompts-file", type=Path, default=None, help="one prompt per line")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
-    parser.add_argument("--num-images-per-prompt", type=int, default=1)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num-images-per-prompt", type=int, default=1, help="images per prompt")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="prompt i uses a generator seeded seed + i"
+    )
     parser.add_argument("--guidance-scale", type=float, default=None, help="default: saved")
     parser.add_argument("--temperature", type=float, default=None, help="default: saved")
     parser.add_argument("--top-k", type=int, default=None, help="default: saved")

@@ -67,8 +67,8 @@ def add_common_arguments(parser: argparse.ArgumentParser, learning_rate: float) 
         "steps the step time fixes the total step count (and the LR schedule) so the run ends "
         "in time; the count is stored in checkpoints so resume is exact")
     add("--gradient-accumulation-steps", type=int, default=1, help="micro-batches per step")
-    add("--mixed-precision", default="no", help=f"one of {MIXED_PRECISION}; 'no' (fp32) is the "
-        "CPU default, bf16 for GPUs")
+    add("--mixed-precision", default=None, help=f"one of {MIXED_PRECISION}; bf16 for GPUs. "
+        "Default: `accelerate launch --mixed_precision` or the accelerate config, else fp32")
     add("--cpu", action="store_true", help="force the CPU even if a GPU is present")
     add("--num-threads", type=int, default=0, help="torch CPU threads per process (0 = torch's "
         "default; on a busy machine 1 can be several times faster than oversubscribed 2)")
@@ -101,7 +101,8 @@ def validate_common_arguments(args: argparse.Namespace) -> None:
     require_non_negative(args, "image_every", "max_nonfinite_steps", "num_workers", "num_threads")
     require_fraction(args, "min_lr_ratio")
     require_fraction(args, "ema_decay", upper_open=True)
-    require_choice(args, "mixed_precision", MIXED_PRECISION)
+    if args.mixed_precision is not None:
+        require_choice(args, "mixed_precision", MIXED_PRECISION)
     require_choice(args, "report_to", REPORT_TO)
     require_steps(args)
 
@@ -266,7 +267,7 @@ def finish_step(
     """
     args, accelerator = ctx.args, ctx.accelerator
     # With fp16 the GradScaler already skips steps whose gradients overflow; check only losses.
-    check_grads = args.mixed_precision != "fp16"
+    check_grads = accelerator.mixed_precision != "fp16"
     params = [p for model, _ in pairs for p in model.parameters()] if check_grads else []
     skipped, metrics = reduce_step(accelerator, locally_nonfinite(losses, params), terms)
     if skipped:
