@@ -20,8 +20,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -120,6 +118,10 @@ def save_model_folder(
     with atomic_directory(directory) as tmp:
         payload = {"_class_name": class_name, **dataclasses.asdict(config)}
         (tmp / CONFIG_NAME).write_text(json.dumps(payload, indent=2) + "\n")
+        # Imported here, not at module level: `scripts/bench.py gpu` runs the models from the
+        # source tree on machines that have only torch, and never saves or loads a folder.
+        from safetensors.torch import save_file
+
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
     return Path(directory)
 
@@ -146,6 +148,9 @@ def load_model_folder(
     except json.JSONDecodeError as error:
         raise ValueError(f"{config_path} is not valid JSON ({error})") from error
     config = config_from_dict(config_cls, values, source=str(config_path))
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
     try:
         state_dict = load_file(str(weights_path))
     except (SafetensorError, OSError) as error:

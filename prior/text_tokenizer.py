@@ -22,7 +22,6 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-import sentencepiece as spm
 import torch
 
 from codegrid.io import atomic_directory
@@ -39,6 +38,8 @@ class _SentencePiece:
 
     def __init__(self, proto: bytes) -> None:
         self.proto = proto
+        import sentencepiece as spm  # lazily: the models must import on a torch-only machine
+
         self.processor = spm.SentencePieceProcessor(model_proto=proto)
 
     def encode(self, texts: list[str]) -> list[list[int]]:
@@ -225,6 +226,8 @@ class TextTokenizer:
             minloglevel=2,
         )
         try:
+            import sentencepiece as spm
+
             spm.SentencePieceTrainer.train(
                 sentence_iterator=iter(sentences), model_writer=model, **{**options, **spm_options}
             )

@@ -123,13 +123,8 @@ def test_gpu_subcommand_smoke_without_hf_libraries(repo_root, tmp_path):
 
 
 def test_gpu_subcommand_smoke_with_torch_only(repo_root, tmp_path):
+    """The accelerator machine may lack even safetensors and sentencepiece: the model packages
+    import them lazily, only where a folder is saved or a text tokenizer is built."""
     done, result = _run_gpu_smoke(repo_root, tmp_path, [*_NOT_ON_DEVICE, *_PURE_PYTHON_EXTRAS])
-    if done.returncode != 0:
-        # Known: codegrid/io.py imports safetensors and prior/__init__.py imports sentencepiece
-        # at import time. Any other failure is a real one.
-        culprits = [
-            name for name in _PURE_PYTHON_EXTRAS if f"{name} is not installed" in done.stderr
-        ]
-        assert culprits, done.stderr[-3000:]
-        pytest.xfail(f"imported at import time by the model packages: {culprits}")
+    assert done.returncode == 0, done.stderr[-3000:]
     assert result["train"]["tokens_per_s"] > 0

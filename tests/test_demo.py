@@ -6,7 +6,7 @@ import json
 
 import demo
 import pytest
-from PIL import Image
+from image_files import image_size
 
 MICRO = [
     *("--budget-minutes", "0.2", "--tokenizer-steps", "2", "--prior-steps", "2"),
@@ -38,7 +38,7 @@ def test_demo_micro_budget_then_reuse(tmp_path, capsys, monkeypatch):
     columns = demo.GRID_IMAGES_PER_PROMPT * demo.GRID_PROMPTS_PER_ROW
     rows = len(demo.grid_records()) * demo.GRID_IMAGES_PER_PROMPT // columns
     side = 32 * demo.GRID_SCALE
-    assert Image.open(out / "grid.png").size == (columns * (side + 2) + 2, rows * (side + 2) + 2)
+    assert image_size(out / "grid.png") == (columns * (side + 2) + 2, rows * (side + 2) + 2)
 
     again = demo.main(demo.parse_args([*MICRO, "--output-dir", str(out)]))
     assert "reusing" in capsys.readouterr().out

@@ -12,6 +12,9 @@ from codegrid.io import (
     save_model_folder,
 )
 
+# Atomic model folders, strict loading and config validation (issue 8, items 2 and 6).
+pytestmark = pytest.mark.reliability
+
 
 @dataclasses.dataclass
 class TinyConfig:

@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 import torch
+from image_files import image_size
 from PIL import Image
 
 from pipelines import ImagePipelineOutput, PipelineConfig, TextToImagePipeline
@@ -184,7 +185,7 @@ def test_readme_example(pipeline, tmp_path, monkeypatch):
     images[0].save("red_circle.png")
     # ---
     assert len(images) == 1
-    assert Image.open(tmp_path / "red_circle.png").size == (16, 16)
+    assert image_size(tmp_path / "red_circle.png") == (16, 16)
 
 
 def test_update_pipeline_config_is_read_back(pipeline, tmp_path):

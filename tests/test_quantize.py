@@ -169,6 +169,7 @@ def _fsq_pre_image(fsq: FSQ, vectors: torch.Tensor) -> torch.Tensor:
     return torch.atanh((target + offset) / half) - torch.atanh(offset / half)
 
 
+@pytest.mark.reliability
 @settings(max_examples=25, deadline=None)
 @given(
     seed=st.integers(0, 2**16),
@@ -203,6 +204,7 @@ def test_vector_quantizer_properties(seed, codebook_size, dim, l2_normalize, bat
     assert (chosen <= distances.min(1).values + 1e-4 * (1 + flat.pow(2).sum(1).double())).all()
 
 
+@pytest.mark.reliability
 @settings(max_examples=25, deadline=None)
 @given(
     seed=st.integers(0, 2**16),

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import sample
 import torch
+from image_files import image_pixels, image_size
 from PIL import Image
 from test_pipeline import PROMPTS, tiny_prior, tiny_vqgan
 
@@ -90,17 +91,19 @@ def test_sample_writes_pngs_grid_and_index(pipeline_dir, tmp_path, capsys):
     assert [record["prompt"] for record in records] == [
         PROMPTS[0], PROMPTS[0], "a red circle", "a red circle", "a blue square", "a blue square"
     ]  # fmt: skip
-    assert all(Image.open(out / record["file"]).size == (16, 16) for record in records)
-    grid = Image.open(out / "grid.png")
-    assert grid.size == (2 * 16 + 3 * 2, 3 * 16 + 4 * 2)  # one row per prompt, 2 px padding
+    assert all(image_size(out / record["file"]) == (16, 16) for record in records)
+    assert image_size(out / "grid.png") == (
+        2 * 16 + 3 * 2,
+        3 * 16 + 4 * 2,
+    )  # one row per prompt, 2 px padding
     assert "[2] a blue square" in capsys.readouterr().out
     # the same seed reproduces the files exactly
     again = tmp_path / "again"
     sample.main(sample.parse_args([*argv[:-1], str(again)]))
     for record in records:
         assert np.array_equal(
-            np.asarray(Image.open(out / record["file"])),
-            np.asarray(Image.open(again / record["file"])),
+            image_pixels(out / record["file"]),
+            image_pixels(again / record["file"]),
         )
 
 

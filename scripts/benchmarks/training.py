@@ -37,7 +37,7 @@ def make_prior_step(model, config, settings: Settings, batch: int):
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return float(loss)
+        return loss.detach().item()
 
     return step
 
@@ -54,7 +54,7 @@ def make_gpt2_step(model, config, settings: Settings, batch: int):
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return float(loss)
+        return loss.detach().item()
 
     return step
 
