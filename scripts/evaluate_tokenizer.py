@@ -13,7 +13,10 @@ Every image goes through encode -> decode. Reported over the whole set:
   its weights are in the torch hub cache or given by `--fid-weights`; otherwise a clear message
   and null;
 - codebook usage (the share of codes used at least once) and perplexity (exp of the entropy of
-  the code histogram; the codebook size when every code is equally frequent).
+  the code histogram; the codebook size when every code is equally frequent);
+- with `--judge N`: the Shapes judge on the reconstructions of N fresh renders (colour, shape,
+  size, position, background, clean, all correct). No prior can draw better than its tokenizer
+  decodes, so `all_correct` here is the ceiling of the pipeline's alignment.
 
 Nothing is ever downloaded.
 """
@@ -63,7 +66,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         " (default: look in the torch hub cache)")  # fmt: skip
     add("--device", default="cpu", help="torch device (default: cpu)")
     add("--seed", type=int, default=0, help="seed of generated Shapes data (default: 0)")
+    add("--judge", type=int, default=0, help="also judge the reconstructions of this many fresh "
+        "Shapes renders at the tokenizer's resolution (default: 0, off)")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.judge < 0:
+        parser.error(f"--judge must be >= 0, got {args.judge}")
     for name in ("num_images", "batch_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -211,6 +218,35 @@ def evaluate(model, batches, lpips_module: nn.Module | None = None, fid_metric=N
     }
 
 
+@torch.inference_mode()
+def judge_reconstructions(
+    model, num_images: int, resolution: int, seed: int = 0, batch_size: int = 32
+) -> dict:
+    """The Shapes judge on encode -> decode of `num_images` fresh single-object renders of
+    training colour-shape pairs; `model` is any image tokenizer (encode/decode in [-1, 1]).
+    Returns judge_batch's accuracies (0..1) and count."""
+    import numpy as np
+
+    from pipelines.data.judge import judge_batch
+    from pipelines.data.shapes import render, sample_attribute_batch
+
+    rng = np.random.default_rng(seed)
+    attributes = sample_attribute_batch(rng, num_images, "exclude")
+    renders = np.stack([render(record, resolution, rng) for record in attributes])  # (N, R, R, 3)
+    decoded = []
+    for start in range(0, num_images, batch_size):
+        chunk = torch.from_numpy(renders[start : start + batch_size]).permute(0, 3, 1, 2)
+        images = chunk.float().div(127.5).sub(1).to(model_device(model))  # (B, 3, R, R)
+        decoded.append(to_uint8(model.decode(model.encode(images))).permute(0, 2, 3, 1).cpu())
+    return judge_batch(torch.cat(decoded).numpy(), attributes)  # (N, R, R, 3) uint8
+
+
+def model_device(model) -> torch.device:
+    parameters = getattr(model, "parameters", None)
+    first = next(parameters(), None) if parameters is not None else None
+    return first.device if first is not None else torch.device("cpu")
+
+
 def image_batches(args: argparse.Namespace, resolution: int):
     """Batches (B, 3, R, R) in [-1, 1] of the first --num-images valid images of the split."""
     from pipelines.data.images import load_image_caption_dataset
@@ -245,6 +281,10 @@ def main(args: argparse.Namespace) -> dict:
         if metrics[name] is not None and not math.isfinite(metrics[name]):
             notes.append(f"{name} came out {metrics[name]} (too few images?); reported as null")
             metrics[name] = None
+    if args.judge:
+        metrics["shapes_judge"] = judge_reconstructions(
+            model, args.judge, resolution, args.seed, args.batch_size
+        )
     result = {
         **metrics,
         "psnr_cap_db": PSNR_CAP_DB,

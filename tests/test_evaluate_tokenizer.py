@@ -133,3 +133,38 @@ def test_bad_arguments_exit(argv):
 def test_missing_tokenizer_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         ev.main(ev.parse_args(["--tokenizer", str(tmp_path / "missing")]))
+
+
+class _Lossless:
+    """A stand-in tokenizer whose decode returns exactly what was encoded."""
+
+    codebook_size = 1
+
+    def encode(self, images):
+        self.images = images
+        return torch.zeros(images.shape[0], 1, 1, dtype=torch.long)
+
+    def decode(self, codes):
+        return self.images
+
+
+class _Grey(_Lossless):
+    def decode(self, codes):
+        return torch.zeros_like(self.images)
+
+
+def test_judge_reconstructions_bounds_the_pipeline():
+    """A lossless tokenizer passes every render; one that decodes to flat grey passes none."""
+    perfect = ev.judge_reconstructions(_Lossless(), 40, 32, seed=1, batch_size=16)
+    assert perfect["count"] == 40 and perfect["all_correct"] == 1.0
+    grey = ev.judge_reconstructions(_Grey(), 40, 32, seed=1, batch_size=16)
+    assert grey["all_correct"] == 0.0 and grey["color"] == 0.0
+
+
+def test_main_judge_flag(tmp_path, tiny_vqgan):
+    folder = tiny_vqgan.save_pretrained(tmp_path / "vq")
+    argv = ["--tokenizer", str(folder), "--num-images", "4", "--lpips", "off", "--fid", "off",
+            "--judge", "6", "--out", str(tmp_path / "eval.json")]  # fmt: skip
+    result = json.loads(ev.main(ev.parse_args(argv)) and (tmp_path / "eval.json").read_text())
+    assert result["shapes_judge"]["count"] == 6
+    assert 0.0 <= result["shapes_judge"]["all_correct"] <= 1.0
