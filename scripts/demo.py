@@ -23,9 +23,7 @@ OUT/metrics.json gathers the figures and the wall time of every stage.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
-import math
 import os
 import shlex
 import shutil
@@ -157,21 +155,18 @@ def clear_outputs(out: Path) -> None:
             path.unlink()
 
 
-@functools.cache
 def job_threads() -> int:
-    """Intra-op threads per job: every core on an idle machine, one on a busy one. Measured once,
-    before the first stage: later the load average counts the demo's own previous stage.
+    """Intra-op threads per job: OMP_NUM_THREADS if set, else every core.
 
-    OpenMP threads wait for each other at every parallel region; when other processes hold the
-    cores, a 2-thread step waits for its descheduled partner (measured on 2 cores at load 6: a
-    tokenizer step took 5x longer with 2 threads than with 1). OMP_NUM_THREADS, if set, wins.
+    A load-average guess was tried and dropped: the load still counts the previous job for a
+    minute, so a demo started right after another job ran at 1 thread and half the speed. On a
+    machine that other processes keep busy, set OMP_NUM_THREADS=1: OpenMP threads wait for each
+    other at every parallel region, and a descheduled partner made a tokenizer step 5x slower
+    (measured on 2 cores at load 6).
     """
     if os.environ.get("OMP_NUM_THREADS", "").isdigit():
         return int(os.environ["OMP_NUM_THREADS"])
-    cores = os.cpu_count() or 1
-    # The 1-minute load average still counts the previous job (pip, the last stage) for a while,
-    # so half a core of it is forgiven: load 1.0 on 2 cores still gets 2 threads.
-    return max(1, min(cores, math.ceil(cores - os.getloadavg()[0] + 0.5)))
+    return os.cpu_count() or 1
 
 
 def run(command: list[str], commands: list[str]) -> None:

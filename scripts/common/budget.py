@@ -1,8 +1,9 @@
 """A wall-clock budget turned into a fixed number of optimizer steps.
 
-After a short measurement window (default 10 steps, excluding the first, which pays for lazy
+After a measurement window (default 30 steps, excluding the first, which pays for lazy
 initialisation) the mean step time fixes the total step count so that the run, including its
-periodic evaluation and checkpoints as far as the window saw them, ends within the budget. The
+periodic evaluation and checkpoints as far as the window saw them, ends within the budget. With
+10 steps and a 0.92 safety factor, 2-core runs ended 8-10% early (a stage of 233 s took 211 s). The
 count is decided on the main process and broadcast, so every rank stops at the same step; it is
 stored in checkpoints, so a resumed run keeps the same count and the same LR schedule.
 """
@@ -30,8 +31,8 @@ class StepBudget:
         self,
         minutes: float | None,
         max_steps: int | None,
-        measure_steps: int = 10,
-        safety: float = 0.92,
+        measure_steps: int = 30,
+        safety: float = 0.97,
         reserve_seconds: float = 5.0,
         started: float | None = None,
     ) -> None:
