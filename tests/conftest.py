@@ -21,8 +21,16 @@ if str(SCRIPTS) not in sys.path:
     sys.path.insert(0, str(SCRIPTS))
 
 
-# Tiny test models run faster on one thread, and a loaded 2-core CI box stays predictable.
+# Tiny test models run faster on one thread: with 2 intra-op threads on a loaded 2-core machine
+# OpenMP spin-waiting made tiny convolutions 20-50x and tiny transformers 15x slower. Set at
+# import for module-scoped fixtures, and again before every test in case one changed it.
 torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _one_intra_op_thread():
+    torch.set_num_threads(1)
+    yield
 
 
 @pytest.fixture(autouse=True)

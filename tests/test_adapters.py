@@ -25,15 +25,6 @@ CODEBOOK = 64
 HEIGHT, WIDTH = 16, 24  # not square, so a transposed reshape cannot pass
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Tiny convs are ~50x slower with 2 threads on a loaded 2-core machine (spin-waiting)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def images(batch: int = 2, seed: int = 0) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.rand(batch, 3, HEIGHT, WIDTH, generator=generator) * 2 - 1  # (B, 3, H, W)

@@ -55,15 +55,6 @@ TAMING_CASES = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Tiny convs are ~50x slower with 2 threads on a loaded 2-core machine (spin-waiting)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def assert_parity(ours: VQGAN, reference: torch.nn.Module, ref_encode, ref_decode, images) -> float:
     """Codes identical; decodes within ATOL in fp32 (unclamped, and clamped as `decode` returns),
     and within 1e-10 in fp64, which shows the fp32 gap is rounding only. Returns the fp32 gap."""

@@ -33,15 +33,6 @@ def tokenizer_dir(tmp_path_factory):
     return folder
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """On a shared 2-core machine, 2 intra-op threads make these tiny convolutions 20x slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(autouse=True)
 def _fresh_accelerate_state():
     """Each in-process run builds its own Accelerator; leave no shared state behind."""

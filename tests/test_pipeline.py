@@ -28,15 +28,6 @@ CAPTIONS = [
 PROMPTS = CAPTIONS[:2]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP spin-waiting on a shared, busy CPU."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def tiny_vqgan(codebook_size: int = 32, resolution: int = 16) -> VQGAN:
     """f4 VQGAN: 16 px images <-> 4x4 codes."""
     config = VQGANConfig(

@@ -10,48 +10,10 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch import nn
+from prior_helpers import make_prior, random_batch
 
-from prior import KVCache, Prior, PriorConfig, generate, mix_guidance, top_k_filter, top_p_filter
+from prior import KVCache, generate, mix_guidance, top_k_filter, top_p_filter
 from prior.sampling import decode_step, prefill, sample_next
-
-TINY = dict(
-    text_vocab_size=40,
-    text_length=6,
-    codebook_size=24,
-    image_grid=(3, 4),
-    d_model=32,
-    num_layers=2,
-    num_heads=2,
-)
-
-
-@pytest.fixture(autouse=True)
-def _one_intra_op_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared, busy machine the
-    thread hand-offs cost more than the math (measured 15x slower at 2 threads)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def make_prior(**overrides) -> Prior:
-    """A tiny prior with random (not zero) heads, so its sampling distributions are peaked."""
-    model = Prior(PriorConfig(**{**TINY, **overrides}))
-    for module in model.modules():
-        if isinstance(module, nn.Linear | nn.Embedding):
-            nn.init.normal_(module.weight, std=0.3)
-    return model.eval()
-
-
-def random_batch(config: PriorConfig, batch: int = 3, seed: int = 0):
-    generator = torch.Generator().manual_seed(seed)
-    text = torch.randint(
-        0, config.text_vocab_size, (batch, config.text_length), generator=generator
-    )
-    codes = torch.randint(0, config.codebook_size, (batch, *config.image_grid), generator=generator)
-    return text, codes
 
 
 def new_cache(model, rows: int) -> KVCache:

@@ -21,15 +21,6 @@ from pipelines import TextToImagePipeline
 from prior import TextTokenizer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP spin-waiting on a shared, busy CPU."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def component_dirs(tmp_path_factory):
     """Saved tiny components: what the training jobs export."""
