@@ -116,6 +116,20 @@ class _Level(nn.Module):
         self.block = nn.ModuleList(blocks)
         self.attn = nn.ModuleList(attns)
 
+    @classmethod
+    def build(
+        cls, block_in: int, block_out: int, count: int, attention: bool, dropout: float
+    ) -> _Level:
+        """`count` ResnetBlocks (block_in -> block_out, then block_out -> block_out), each
+        followed by an AttnBlock when `attention`; created in taming's order, so a seed gives
+        the same initial weights."""
+        blocks, attns = [], []
+        for index in range(count):
+            blocks.append(ResnetBlock(block_in if index == 0 else block_out, block_out, dropout))
+            if attention:
+                attns.append(AttnBlock(block_out))
+        return cls(blocks, attns)
+
     def run(self, h: torch.Tensor) -> torch.Tensor:
         for index, block in enumerate(self.block):
             h = block(h)
@@ -162,13 +176,9 @@ class Encoder(nn.Module):
         current_resolution, block_in = resolution, ch
         for level, multiplier in enumerate(ch_mult):
             block_out = ch * multiplier
-            blocks, attns = [], []
-            for _ in range(num_res_blocks):
-                blocks.append(ResnetBlock(block_in, block_out, dropout))
-                block_in = block_out
-                if current_resolution in attn_resolutions:
-                    attns.append(AttnBlock(block_in))
-            stage = _Level(blocks, attns)
+            attention = current_resolution in attn_resolutions
+            stage = _Level.build(block_in, block_out, num_res_blocks, attention, dropout)
+            block_in = block_out
             if level != len(ch_mult) - 1:
                 stage.downsample = Downsample(block_in)
                 current_resolution //= 2
@@ -214,13 +224,9 @@ class Decoder(nn.Module):
         stages: list[_Level] = []
         for level in reversed(range(len(ch_mult))):
             block_out = ch * ch_mult[level]
-            blocks, attns = [], []
-            for _ in range(num_res_blocks + 1):
-                blocks.append(ResnetBlock(block_in, block_out, dropout))
-                block_in = block_out
-                if current_resolution in attn_resolutions:
-                    attns.append(AttnBlock(block_in))
-            stage = _Level(blocks, attns)
+            attention = current_resolution in attn_resolutions
+            stage = _Level.build(block_in, block_out, num_res_blocks + 1, attention, dropout)
+            block_in = block_out
             if level != 0:
                 stage.upsample = Upsample(block_in)
                 current_resolution *= 2
