@@ -165,12 +165,26 @@ def _dropout(x: torch.Tensor, p: float) -> torch.Tensor:
     return F.dropout(x, p=p, training=True) if p > 0 else x
 
 
+class Projection(nn.Module):
+    """`x @ weight` with the weight stored (in_features, out_features), the layout of GPT-2's
+    Conv1D. A decode step multiplies a few rows by each weight, where this layout ran 1.3-2.4x
+    faster than nn.Linear's (out, in) on 2 CPU cores (M=16, d=512); training is unchanged."""
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(in_features, out_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight  # (..., in) -> (..., out)
+
+
 class Attention(nn.Module):
     def __init__(self, config: PriorConfig) -> None:
         super().__init__()
         self.num_heads, self.head_dim = config.num_heads, config.head_dim
-        self.qkv = nn.Linear(config.d_model, 3 * config.d_model, bias=False)
-        self.proj = nn.Linear(config.d_model, config.d_model, bias=False)
+        self.qkv = Projection(config.d_model, 3 * config.d_model)
+        self.proj = Projection(config.d_model, config.d_model)
 
     def forward(self, x, rotations, cache=None, start: int = 0) -> torch.Tensor:
         """x (B, L, D) at positions start..start+L-1 -> (B, L, D).
@@ -202,8 +216,8 @@ class MLP(nn.Module):
         self.gated = config.mlp == "swiglu"
         hidden = config.mlp_hidden
         # SwiGLU's gate and up projections are fused into one matmul (Shazeer 2020, GLU variants).
-        self.up = nn.Linear(config.d_model, 2 * hidden if self.gated else hidden, bias=False)
-        self.down = nn.Linear(hidden, config.d_model, bias=False)
+        self.up = Projection(config.d_model, 2 * hidden if self.gated else hidden)
+        self.down = Projection(hidden, config.d_model)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         hidden = self.up(x)
@@ -237,10 +251,10 @@ class Prior(nn.Module):
         self.image_embedding = nn.Embedding(config.codebook_size + 1, config.d_model)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_layers))
         self.norm = _norm(config)
-        self.image_head = nn.Linear(config.d_model, config.codebook_size, bias=False)
+        self.image_head = Projection(config.d_model, config.codebook_size)
         self.text_head = None
         if config.text_loss_weight > 0:
-            self.text_head = nn.Linear(config.d_model, config.text_vocab_size, bias=False)
+            self.text_head = Projection(config.d_model, config.text_vocab_size)
         self.register_buffer("rope", rope_table(config), persistent=False)
         self.gradient_checkpointing = False
         self.reset_parameters()
@@ -250,7 +264,7 @@ class Prior(nn.Module):
         head starts at zero, so the first loss is exactly ln(codebook_size) (LlamaGen)."""
         std = self.config.init_std
         for module in self.modules():
-            if isinstance(module, nn.Linear | nn.Embedding):
+            if isinstance(module, Projection | nn.Embedding):
                 nn.init.normal_(module.weight, std=std)
             elif isinstance(module, nn.RMSNorm | nn.LayerNorm):
                 module.reset_parameters()

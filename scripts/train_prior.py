@@ -34,7 +34,7 @@ from common import validation as checks
 from common.evaluation import image_token_loss
 from common.faults import fires, kill_point
 from common.images import codes_to_images, save_png, tensor_grid
-from common.optim import param_groups
+from common.optim import adamw
 from common.run_folder import RunFolder, make_accelerator
 from common.sampler import StepSampler, record_indices
 from common.schedule import set_learning_rate, warmup_cosine
@@ -220,9 +220,7 @@ def setup(args: argparse.Namespace, accelerator, run: RunFolder) -> Job:
     tokenizer = text_tokenizer_for(args, accelerator, list(train["caption"]))
     model = build_prior(args, meta, tokenizer)
     adam = dict(betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
-    optimizer = torch.optim.AdamW(
-        param_groups(model, args.weight_decay), args.learning_rate, **adam
-    )
+    optimizer = adamw(model, args.learning_rate, args.weight_decay, **adam)
     model, optimizer = accelerator.prepare(model, optimizer)
     ctx = loop.make_context(args, accelerator, run, accelerator.unwrap_model(model))
     run.info(

@@ -33,7 +33,7 @@ from common.evaluation import reconstruction_metrics
 from common.faults import fires, kill_point
 from common.guards import StateSnapshot
 from common.images import save_png, tensor_grid
-from common.optim import param_groups
+from common.optim import adamw
 from common.run_folder import RunFolder, make_accelerator
 from common.sampler import StepBatches, StepSampler, record_indices
 from common.schedule import set_learning_rate, warmup_cosine
@@ -220,11 +220,11 @@ def setup(args: argparse.Namespace, accelerator, run: RunFolder) -> Job:
     if args.disc_weight > 0:
         disc = NLayerDiscriminator(ndf=args.disc_channels, n_layers=args.disc_layers)
     adam = dict(betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
-    opt_g = torch.optim.AdamW(param_groups(model, args.weight_decay), args.learning_rate, **adam)
+    opt_g = adamw(model, args.learning_rate, args.weight_decay, **adam)
     opt_d = None
     if disc is not None:
         lr_d = args.disc_learning_rate or args.learning_rate
-        opt_d = torch.optim.AdamW(param_groups(disc, args.weight_decay), lr_d, **adam)
+        opt_d = adamw(disc, lr_d, args.weight_decay, **adam)
         disc, opt_d = accelerator.prepare(disc, opt_d)
     model, opt_g = accelerator.prepare(model, opt_g)
     objective = build_objective(args, accelerator, disc, run.warning)

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from prior import Prior, PriorConfig
+from prior.model import Projection
 
 TINY = dict(
     text_vocab_size=40,
@@ -23,7 +24,7 @@ def make_prior(**overrides) -> Prior:
     distributions peaked."""
     model = Prior(PriorConfig(**{**TINY, **overrides}))
     for module in model.modules():
-        if isinstance(module, nn.Linear | nn.Embedding):
+        if isinstance(module, Projection | nn.Embedding):
             nn.init.normal_(module.weight, std=0.3)
     return model.eval()
 

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from prior import Prior, PriorConfig
+from prior.model import Projection
 
 TEXT_VOCAB = 1024
 CODEBOOK = 1024
@@ -74,8 +75,9 @@ def build_gpt2(config: PriorConfig, seed: int, device="cpu"):
 
 
 def matmul_parameters(model: nn.Module) -> int:
-    """Weights that take part in matmuls (every nn.Linear); embeddings are lookups."""
-    return sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    """Weights that take part in matmuls (every Projection or nn.Linear); embeddings are lookups."""
+    layers = (Projection, nn.Linear)
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, layers))
 
 
 def block_parameters(config: PriorConfig) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 
@@ -20,3 +21,13 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+
+
+def adamw(
+    model: nn.Module, learning_rate: float, weight_decay: float, betas, eps: float
+) -> torch.optim.AdamW:
+    """AdamW over `param_groups`, with the fused kernel (one pass over all tensors; on 2 CPU cores
+    the tiny tokenizer's optimizer step fell from 6.6 ms to 1.1 ms, about 5% of a training step).
+    torch's default on CPU is a Python loop over tensors."""
+    groups = param_groups(model, weight_decay)
+    return torch.optim.AdamW(groups, learning_rate, betas=betas, eps=eps, fused=True)
