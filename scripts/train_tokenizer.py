@@ -56,6 +56,7 @@ QUANTIZER_FLAGS = {
     "ch_mult": "ch_mult",
     "restart_threshold": "restart_threshold",
     "fsq_levels": "fsq_levels",
+    "mid_attention": "mid_attention",
 }
 
 
@@ -76,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--preset", default="cpu-tiny", help=f"VQGAN preset, one of {sorted(PRESETS)}")
     add("--ch", type=int, default=None, help="base channel width (default: the preset's)")
     add("--ch-mult", type=_int_tuple, default=None, help="channel multipliers, e.g. 1,2,2")
+    add("--mid-attention", action=optional, default=None,
+        help="self-attention in the encoder and decoder mid blocks (taming always has it; "
+        "default: the preset's)")
     add("--quantizer", default=None, help="'vq' or 'fsq' (default: the preset's)")
     add("--codebook-size", type=int, default=None, help="number of codes (vq)")
     add("--codebook-dim", type=int, default=None, help="code vector size (vq; 8 = LlamaGen)")

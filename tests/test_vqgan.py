@@ -88,6 +88,19 @@ def test_save_from_pretrained_round_trip(tmp_path, variant):
     assert loaded.identity() == model.identity()
 
 
+def test_mid_attention_off_drops_only_the_mid_attention(tmp_path):
+    with_attention = set(tiny_model().state_dict())
+    model = tiny_model(mid_attention=False).eval()
+    removed = with_attention - set(model.state_dict())
+    assert removed and all(".mid.attn_1." in key for key in removed)
+    assert set(model.state_dict()) < with_attention
+    x = images(2)
+    assert model.decode(model.encode(x)).shape == x.shape
+    model.save_pretrained(tmp_path / "vq")
+    loaded = VQGAN.from_pretrained(tmp_path / "vq")
+    assert loaded.config.mid_attention is False and torch.equal(loaded.encode(x), model.encode(x))
+
+
 def test_from_pretrained_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="save_pretrained"):
         VQGAN.from_pretrained(tmp_path / "missing")

@@ -139,12 +139,13 @@ class _Level(nn.Module):
 
 
 class _Mid(nn.Module):
-    """ResnetBlock -> AttnBlock -> ResnetBlock at the lowest resolution (always has attention)."""
+    """ResnetBlock -> AttnBlock -> ResnetBlock at the lowest resolution (taming always has the
+    attention; `attention=False` replaces it by the identity)."""
 
-    def __init__(self, channels: int, dropout: float) -> None:
+    def __init__(self, channels: int, dropout: float, attention: bool = True) -> None:
         super().__init__()
         self.block_1 = ResnetBlock(channels, channels, dropout)
-        self.attn_1 = AttnBlock(channels)
+        self.attn_1 = AttnBlock(channels) if attention else nn.Identity()
         self.block_2 = ResnetBlock(channels, channels, dropout)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
@@ -169,6 +170,7 @@ class Encoder(nn.Module):
         resolution: int,
         z_channels: int,
         dropout: float = 0.0,
+        mid_attention: bool = True,
     ) -> None:
         super().__init__()
         self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
@@ -183,7 +185,7 @@ class Encoder(nn.Module):
                 stage.downsample = Downsample(block_in)
                 current_resolution //= 2
             self.down.append(stage)
-        self.mid = _Mid(block_in, dropout)
+        self.mid = _Mid(block_in, dropout, mid_attention)
         self.norm_out = normalization(block_in)
         self.conv_out = nn.Conv2d(block_in, z_channels, 3, padding=1)
 
@@ -215,12 +217,13 @@ class Decoder(nn.Module):
         resolution: int,
         z_channels: int,
         dropout: float = 0.0,
+        mid_attention: bool = True,
     ) -> None:
         super().__init__()
         block_in = ch * ch_mult[-1]
         current_resolution = resolution // 2 ** (len(ch_mult) - 1)
         self.conv_in = nn.Conv2d(z_channels, block_in, 3, padding=1)
-        self.mid = _Mid(block_in, dropout)
+        self.mid = _Mid(block_in, dropout, mid_attention)
         stages: list[_Level] = []
         for level in reversed(range(len(ch_mult))):
             block_out = ch * ch_mult[level]

@@ -55,6 +55,7 @@ class VQGANConfig:
     ch_mult: tuple[int, ...] = (1, 2, 2)
     num_res_blocks: int = 1
     attn_resolutions: tuple[int, ...] = ()
+    mid_attention: bool = True
     z_channels: int = 32
     dropout: float = 0.0
     quantizer: str = "vq"
@@ -255,6 +256,7 @@ class VQGAN(nn.Module):
             "resolution": config.resolution,
             "z_channels": config.z_channels,
             "dropout": config.dropout,
+            "mid_attention": config.mid_attention,
         }
         self.encoder = Encoder(in_channels=config.in_channels, **shared)
         self.decoder = Decoder(out_channels=config.out_channels, **shared)
