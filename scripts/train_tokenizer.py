@@ -55,6 +55,7 @@ QUANTIZER_FLAGS = {
     "ch": "ch",
     "ch_mult": "ch_mult",
     "restart_threshold": "restart_threshold",
+    "restart_from": "restart_from",
     "fsq_levels": "fsq_levels",
     "mid_attention": "mid_attention",
 }
@@ -89,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--restart", action=optional, default=None,
         help="restart dead codes from encoder outputs (default: the preset's)")
     add("--restart-threshold", type=int, default=None, help="steps unused before a restart")
+    add("--restart-from", choices=["random", "error"], default=None,
+        help="restart dead codes from random encoder outputs or from those farthest from any "
+        "code (default: the preset's)")
     add("--ema-codebook", action=optional, default=None,
         help="EMA codebook updates instead of the codebook loss")
     add("--beta", type=float, default=None, help="commitment weight (default 0.25)")

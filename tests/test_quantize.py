@@ -129,6 +129,25 @@ def test_dead_code_restart_revives_unused_codes(l2_normalize, ema):
         assert all((flat == row).all(1).any() for row in revived)
 
 
+def test_restart_from_error_picks_the_worst_represented_outputs():
+    torch.manual_seed(0)
+    quantizer = VectorQuantizer(
+        4, 2, restart_dead_codes=True, restart_threshold=1, restart_from="error"
+    ).train()
+    with torch.no_grad():  # codes 0-1 cover the data near (1, 0); codes 2-3 are never chosen
+        quantizer.embedding.weight.copy_(torch.tensor([[1.0, 0.0], [0.9, 0.0], [-9, -9], [-9, -9]]))
+    near = torch.tensor([[1.0, 0.0], [0.95, 0.05], [1.0, 0.1]])
+    far = torch.tensor([[0.0, 3.0], [0.0, 5.0]])  # the two largest errors
+    flat = torch.cat([near, far])  # (5, D)
+    z = flat.T.reshape(1, 2, 1, 5)  # (B, D, h, w)
+    quantizer(z)  # codes 2 and 3 are now unused for one step
+    quantizer(z)  # ... and get restarted before this lookup
+    revived = quantizer.embedding.weight[2:]
+    assert sorted(revived.tolist()) == sorted(far.tolist())
+    with pytest.raises(ValueError, match="restart_from='nearest'"):
+        VectorQuantizer(4, 2, restart_from="nearest")
+
+
 def test_usage_and_perplexity_statistics():
     quantizer = VectorQuantizer(8, 8).eval()
     with torch.no_grad():

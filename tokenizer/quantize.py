@@ -85,6 +85,9 @@ def entropy_penalty(distances: torch.Tensor, temperature: float) -> torch.Tensor
     return sample_entropy - batch_entropy
 
 
+RESTART_SOURCES = ("random", "error")
+
+
 class VectorQuantizer(_CodeUsage):
     """Nearest-neighbour codebook lookup with a straight-through gradient.
 
@@ -98,7 +101,10 @@ class VectorQuantizer(_CodeUsage):
         smoothing (van den Oord et al. 2017 appendix; Razavi et al. 2019); it gets no gradient
         and the loss is only the commitment term.
       restart_dead_codes: a code unused for `restart_threshold` training forwards is replaced by
-        a random encoder output of the current batch (Dhariwal et al. 2020, Jukebox).
+        an encoder output of the current batch: a random one (`restart_from="random"`, Dhariwal
+        et al. 2020, Jukebox) or those farthest from their nearest code (`"error"`, the
+        k-means++ idea of seeding where the error is largest, Arthur & Vassilvitskii 2007), which
+        spends fewer codes on the densest content (plain background in Shapes).
       entropy_weight: adds `entropy_weight * entropy_penalty` (LlamaGen, MAGVIT-v2).
     """
 
@@ -113,6 +119,7 @@ class VectorQuantizer(_CodeUsage):
         ema_decay: float = 0.99,
         restart_dead_codes: bool = False,
         restart_threshold: int = 20,
+        restart_from: str = "random",
         entropy_weight: float = 0.0,
         entropy_temperature: float = 0.01,
     ) -> None:
@@ -120,6 +127,11 @@ class VectorQuantizer(_CodeUsage):
         self.codebook_dim = codebook_dim
         self.beta, self.l2_normalize, self.ema, self.ema_decay = beta, l2_normalize, ema, ema_decay
         self.restart_dead_codes, self.restart_threshold = restart_dead_codes, restart_threshold
+        if restart_from not in RESTART_SOURCES:
+            raise ValueError(
+                f"restart_from={restart_from!r} is invalid; use one of {RESTART_SOURCES}"
+            )
+        self.restart_from = restart_from
         self.entropy_weight, self.entropy_temperature = entropy_weight, entropy_temperature
         self.embedding = nn.Embedding(codebook_size, codebook_dim)
         with torch.no_grad():
@@ -224,14 +236,20 @@ class VectorQuantizer(_CodeUsage):
 
     @torch.no_grad()
     def _restart(self, flat: torch.Tensor) -> torch.Tensor:
-        """Replace codes unused for `restart_threshold` steps by random rows of `flat` (N, D).
+        """Replace codes unused for `restart_threshold` steps by rows of `flat` (N, D): random
+        ones, or the rows of largest distance to their nearest code (repeated if n > N).
 
         Runs before the lookup so the autograd graph never sees the overwritten rows. Every rank
         draws, then rank 0's choice is broadcast, so RNG streams and buffers stay in step."""
         dead = (self.steps_since_used >= self.restart_threshold).nonzero().squeeze(1)  # (n,)
         if dead.numel() == 0:
             return torch.zeros((), device=flat.device)
-        choice = torch.randint(flat.shape[0], (dead.numel(),), device=flat.device)
+        if self.restart_from == "error":
+            errors = self._distances(flat, self.codebook()).min(1).values  # (N,)
+            choice = errors.topk(min(dead.numel(), flat.shape[0])).indices  # (min(n, N),)
+            choice = choice.repeat(-(-dead.numel() // choice.numel()))[: dead.numel()]  # (n,)
+        else:
+            choice = torch.randint(flat.shape[0], (dead.numel(),), device=flat.device)
         replacements = flat[choice].contiguous()  # (n, D)
         if _distributed():
             dist.broadcast(replacements, src=0)

@@ -21,7 +21,7 @@ from torch import nn
 
 from codegrid.io import load_model_folder, load_state_dict_strict, save_model_folder
 from tokenizer.modules import Decoder, Encoder
-from tokenizer.quantize import FSQ, VectorQuantizer
+from tokenizer.quantize import FSQ, RESTART_SOURCES, VectorQuantizer
 
 QUANTIZERS = ("vq", "fsq")
 _VQ_ONLY_FLAGS = {"l2_normalize": False, "ema": False, "restart_dead_codes": False}
@@ -67,6 +67,7 @@ class VQGANConfig:
     ema_decay: float = 0.99
     restart_dead_codes: bool = True
     restart_threshold: int = 20
+    restart_from: str = "random"
     entropy_weight: float = 0.0
     entropy_temperature: float = 0.01
     fsq_levels: tuple[int, ...] = ()
@@ -120,6 +121,7 @@ class VQGANConfig:
             "beta": (self.beta >= 0, ">= 0"),
             "ema_decay": (0 < self.ema_decay < 1, "0 < ema_decay < 1"),
             "restart_threshold": (self.restart_threshold >= 1, "an integer >= 1"),
+            "restart_from": (self.restart_from in RESTART_SOURCES, f"one of {RESTART_SOURCES}"),
             "entropy_weight": (self.entropy_weight >= 0, ">= 0"),
             "entropy_temperature": (self.entropy_temperature > 0, "> 0"),
         }
@@ -229,6 +231,7 @@ def build_quantizer(config: VQGANConfig) -> VectorQuantizer | FSQ:
         ema_decay=config.ema_decay,
         restart_dead_codes=config.restart_dead_codes,
         restart_threshold=config.restart_threshold,
+        restart_from=config.restart_from,
         entropy_weight=config.entropy_weight,
         entropy_temperature=config.entropy_temperature,
     )
