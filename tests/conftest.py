@@ -1,6 +1,8 @@
 """Test-wide setup: offline, CPU, a temporary HF_HOME, and small thread counts."""
 
+import atexit
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -13,6 +15,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest
 import torch
+
+atexit.register(shutil.rmtree, os.environ["HF_HOME"], ignore_errors=True)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = REPO_ROOT / "scripts"
@@ -42,3 +46,15 @@ def _seed_everything():
 @pytest.fixture
 def repo_root() -> Path:
     return REPO_ROOT
+
+
+@pytest.fixture
+def fresh_process_state(monkeypatch):
+    """No fault injection, and accelerate's singletons and fault hit counts forgotten before and
+    after the test (training jobs run in-process several times per module)."""
+    from training_helpers import reset_process_state
+
+    monkeypatch.delenv("CODEGRID_FAULT", raising=False)
+    reset_process_state()
+    yield
+    reset_process_state()

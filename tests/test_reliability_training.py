@@ -29,7 +29,7 @@ from training_helpers import (
     weights,
 )
 
-pytestmark = pytest.mark.reliability
+pytestmark = [pytest.mark.reliability, pytest.mark.usefixtures("fresh_process_state")]
 
 # Three kills at three different points (plus a fourth), each followed by --resume.
 KILLS = ("mid-step:3", "mid-file:1", "before-rename:1", "after-temp-write:2")
@@ -43,14 +43,6 @@ TOKENIZER_RUN = cli(
 PRIOR_RUN = cli(
     PRIOR_ARGS, "--max-steps 6 --checkpoint-every 2 --ema-decay 0.9 --caption-dropout 0.5"
 )
-
-
-@pytest.fixture(autouse=True)
-def _fresh_state(monkeypatch):
-    monkeypatch.delenv("CODEGRID_FAULT", raising=False)
-    reset_process_state()
-    yield
-    reset_process_state()
 
 
 @pytest.fixture(scope="module")

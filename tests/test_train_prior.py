@@ -17,19 +17,13 @@ from training_helpers import (
     cli,
     make_codes,
     read_sample_log,
-    reset_process_state,
     run_two_ranks,
 )
 
 from prior import Prior, TextTokenizer
 from tokenizer import VQGAN, VQGANConfig
 
-
-@pytest.fixture(autouse=True)
-def _fresh_state():
-    reset_process_state()
-    yield
-    reset_process_state()
+pytestmark = pytest.mark.usefixtures("fresh_process_state")
 
 
 @pytest.fixture(scope="module")

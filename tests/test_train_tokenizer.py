@@ -13,18 +13,12 @@ from training_helpers import (
     assert_same_weights,
     cli,
     read_sample_log,
-    reset_process_state,
     run_two_ranks,
 )
 
 from tokenizer import VQGAN
 
-
-@pytest.fixture(autouse=True)
-def _fresh_state():
-    reset_process_state()
-    yield
-    reset_process_state()
+pytestmark = pytest.mark.usefixtures("fresh_process_state")
 
 
 def train(out, *extra):
