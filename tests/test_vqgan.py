@@ -101,6 +101,20 @@ def test_mid_attention_off_drops_only_the_mid_attention(tmp_path):
     assert loaded.config.mid_attention is False and torch.equal(loaded.encode(x), model.encode(x))
 
 
+def test_inference_path_equals_the_autograd_path():
+    """ResnetBlocks run swish and the residual add in place when autograd is off (and the model
+    may be channels_last for CPU inference): the same values as the differentiable path."""
+    model = tiny_model().eval()
+    x = images(2)
+    expected = model.decoder(model.encoder(x))  # autograd on: out-of-place ops
+    assert expected.requires_grad
+    with torch.inference_mode():
+        torch.testing.assert_close(model.decoder(model.encoder(x)), expected.detach())
+        last = model.to(memory_format=torch.channels_last)
+        batch = x.contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(last.decoder(last.encoder(batch)), expected.detach())
+
+
 def test_from_pretrained_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="save_pretrained"):
         VQGAN.from_pretrained(tmp_path / "missing")

@@ -5,8 +5,6 @@ its effect can be measured, and each copy must equal the unchanged model within 
 it is timed. The levers that help are recommended as a diff to `tokenizer/modules.py`.
 
 - channels_last: weights and input in NHWC, oneDNN's native layout, so no conv reorders.
-- inplace: in inference, swish and the residual add write into tensors that are dead
-  afterwards (`F.silu(..., inplace=True)`, `h.add_(x)`), saving an allocation and a pass.
 - compile: `torch.compile` (inductor; fuses GroupNorm + swish, prepacks conv weights).
 """
 
@@ -15,42 +13,15 @@ from __future__ import annotations
 import copy
 
 import torch
-import torch.nn.functional as F
 
 from benchmarks.common import Row, Settings, time_pair
 from tokenizer import VQGAN
-from tokenizer.modules import ResnetBlock
-
-
-class InplaceResnetBlock(ResnetBlock):
-    """ResnetBlock whose swish and residual add run in place when no gradient is needed."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        inplace = not torch.is_grad_enabled()
-        h = self.conv1(F.silu(self.norm1(x), inplace=inplace))
-        h = self.conv2(self.dropout(F.silu(self.norm2(h), inplace=inplace)))
-        if self.nin_shortcut is not None:
-            x = self.nin_shortcut(x)
-        return h.add_(x) if inplace else x + h
-
-
-def with_inplace_blocks(model: VQGAN) -> VQGAN:
-    """A deep copy whose ResnetBlocks use InplaceResnetBlock.forward (same weights)."""
-    model = copy.deepcopy(model)
-    for module in model.modules():
-        if type(module) is ResnetBlock:
-            module.__class__ = InplaceResnetBlock  # prototype only; the diff edits the class
-    return model
 
 
 def lever_variants(model: VQGAN, compile_model: bool) -> dict:
     """name -> (model, input memory format) for every lever and combination measured."""
     last = torch.channels_last
-    variants = {
-        "channels_last": (copy.deepcopy(model).to(memory_format=last), last),
-        "inplace": (with_inplace_blocks(model), torch.contiguous_format),
-        "inplace+channels_last": (with_inplace_blocks(model).to(memory_format=last), last),
-    }
+    variants = {"channels_last": (copy.deepcopy(model).to(memory_format=last), last)}
     if compile_model:
         compiled = copy.deepcopy(model)
         compiled.encoder = torch.compile(compiled.encoder)
