@@ -42,6 +42,7 @@ from common.vqgan_objective import VQGANObjective, build_objective
 from pipelines.data.images import load_image_caption_dataset
 from tokenizer import PRESETS, VQGAN, VQGANConfig
 from tokenizer.losses import GAN_LOSSES, NLayerDiscriminator
+from tokenizer.quantize import RESTART_SOURCES
 
 QUANTIZER_FLAGS = {
     "quantizer": "quantizer",
@@ -90,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--restart", action=optional, default=None,
         help="restart dead codes from encoder outputs (default: the preset's)")
     add("--restart-threshold", type=int, default=None, help="steps unused before a restart")
-    add("--restart-from", choices=["random", "error"], default=None,
+    add("--restart-from", choices=RESTART_SOURCES, default=None,
         help="restart dead codes from random encoder outputs or from those farthest from any "
         "code (default: the preset's)")
     add("--ema-codebook", action=optional, default=None,
