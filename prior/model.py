@@ -167,8 +167,9 @@ def _dropout(x: torch.Tensor, p: float) -> torch.Tensor:
 
 class Projection(nn.Module):
     """`x @ weight` with the weight stored (in_features, out_features), the layout of GPT-2's
-    Conv1D. A decode step multiplies a few rows by each weight, where this layout ran 1.3-2.4x
-    faster than nn.Linear's (out, in) on 2 CPU cores (M=16, d=512); training is unchanged."""
+    Conv1D. A decode step multiplies a few rows by each weight: on 2 CPU cores the benchmark's
+    CFG sampling call (d=512, 16 rows) ran 8% faster than with nn.Linear's (out, in) layout
+    (an isolated 16-row matmul with its weight in cache, 1.3-2.4x); training is unchanged."""
 
     def __init__(self, in_features: int, out_features: int) -> None:
         super().__init__()
