@@ -42,6 +42,7 @@ from common.vqgan_objective import VQGANObjective, build_objective
 from pipelines.data.images import load_image_caption_dataset
 from tokenizer import PRESETS, VQGAN, VQGANConfig
 from tokenizer.losses import GAN_LOSSES, NLayerDiscriminator
+from tokenizer.modules import NORMS
 from tokenizer.quantize import RESTART_SOURCES
 
 QUANTIZER_FLAGS = {
@@ -59,6 +60,7 @@ QUANTIZER_FLAGS = {
     "restart_from": "restart_from",
     "fsq_levels": "fsq_levels",
     "mid_attention": "mid_attention",
+    "norm": "norm",
 }
 
 
@@ -82,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--mid-attention", action=optional, default=None,
         help="self-attention in the encoder and decoder mid blocks (taming always has it; "
         "default: the preset's)")
+    add("--norm", choices=NORMS, default=None,
+        help="'group': taming's GroupNorm, whose statistics span the whole image; 'channel': a "
+        "LayerNorm over the channels of each position, so a code depends on its neighbourhood "
+        "only (default: the preset's)")
     add("--quantizer", default=None, help="'vq' or 'fsq' (default: the preset's)")
     add("--codebook-size", type=int, default=None, help="number of codes (vq)")
     add("--codebook-dim", type=int, default=None, help="code vector size (vq; 8 = LlamaGen)")

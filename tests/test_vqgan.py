@@ -8,6 +8,7 @@ import torch
 
 from codegrid.io import config_from_dict
 from tokenizer import PRESETS, VQGAN, ImageTokenizer, VQGANConfig
+from tokenizer.modules import ChannelNorm
 
 TINY = {
     "resolution": 16,
@@ -99,6 +100,34 @@ def test_mid_attention_off_drops_only_the_mid_attention(tmp_path):
     model.save_pretrained(tmp_path / "vq")
     loaded = VQGAN.from_pretrained(tmp_path / "vq")
     assert loaded.config.mid_attention is False and torch.equal(loaded.encode(x), model.encode(x))
+
+
+def test_channel_norm_is_local_and_keeps_the_keys(tmp_path):
+    """norm="channel" normalises each position over its channels: changing one position changes
+    only that position's output (GroupNorm's image-wide statistics change every position). The
+    weights keep GroupNorm's names and shapes, and the option survives save/load."""
+    norm = ChannelNorm(8)
+    x = torch.randn(2, 8, 5, 5)
+    flat = x.permute(0, 2, 3, 1)  # (B, H, W, C)
+    expected = (flat - flat.mean(-1, keepdim=True)) / (
+        flat.var(-1, unbiased=False, keepdim=True) + 1e-6
+    ).sqrt()
+    torch.testing.assert_close(norm(x), expected.permute(0, 3, 1, 2))
+    changed = x.clone()
+    changed[:, :, 2, 3] += 5.0
+    for module, local in ((norm, True), (torch.nn.GroupNorm(8, 8), False)):
+        moved = (module(changed) - module(x)).abs().amax(dim=(0, 1)) > 1e-6  # (H, W)
+        assert moved[2, 3] and (moved.sum() == 1) == local
+    group, channel = tiny_model(), tiny_model(norm="channel").eval()
+    shapes = {key: value.shape for key, value in group.state_dict().items()}
+    assert {key: value.shape for key, value in channel.state_dict().items()} == shapes
+    assert isinstance(channel.encoder.down[0].block[0].norm1, ChannelNorm)
+    channel.save_pretrained(tmp_path / "vq")
+    loaded = VQGAN.from_pretrained(tmp_path / "vq")
+    x = images(2)
+    assert loaded.config.norm == "channel" and torch.equal(loaded.encode(x), channel.encode(x))
+    with pytest.raises(ValueError, match="norm='batch'"):
+        tiny_config(norm="batch")
 
 
 def test_inference_path_equals_the_autograd_path():

@@ -25,11 +25,37 @@ from torch import nn
 NORM_GROUPS = 32  # taming's GroupNorm(32, eps=1e-6)
 
 
-def normalization(channels: int) -> nn.GroupNorm:
-    """GroupNorm with 32 groups when `channels` allows it, else the largest divisor below 32.
+NORMS = ("group", "channel")
 
-    Taming always uses 32 groups; narrow CPU models (16 or 48 channels) need fewer.
+
+class ChannelNorm(nn.Module):
+    """LayerNorm over the channels of each position: (B, C, H, W) -> (B, C, H, W).
+
+    Unlike GroupNorm, whose statistics span the whole image, every output depends on its own
+    position only, so a patch's latent does not change with what the rest of the image holds
+    (the per-position LayerNorm of ConvNeXt, Liu et al. 2022). Same parameter names and shapes
+    as GroupNorm's (`weight`, `bias`, both (C,)).
     """
+
+    def __init__(self, channels: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        channels = x.shape[1]
+        h = F.layer_norm(x.permute(0, 2, 3, 1), (channels,), self.weight, self.bias, self.eps)
+        return h.permute(0, 3, 1, 2)  # (B, H, W, C) -> (B, C, H, W)
+
+
+def normalization(channels: int, norm: str = "group") -> nn.Module:
+    """`norm="group"`: GroupNorm with 32 groups when `channels` allows it, else the largest
+    divisor below 32 (taming always uses 32; narrow CPU models of 16 or 48 channels need fewer).
+    `norm="channel"`: `ChannelNorm`, which is spatially local.
+    """
+    if norm == "channel":
+        return ChannelNorm(channels)
     return nn.GroupNorm(math.gcd(NORM_GROUPS, channels), channels, eps=1e-6, affine=True)
 
 
@@ -39,11 +65,13 @@ class ResnetBlock(nn.Module):
     (B, in_channels, H, W) -> (B, out_channels, H, W).
     """
 
-    def __init__(self, in_channels: int, out_channels: int, dropout: float = 0.0) -> None:
+    def __init__(
+        self, in_channels: int, out_channels: int, dropout: float = 0.0, norm: str = "group"
+    ) -> None:
         super().__init__()
-        self.norm1 = normalization(in_channels)
+        self.norm1 = normalization(in_channels, norm)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.norm2 = normalization(out_channels)
+        self.norm2 = normalization(out_channels, norm)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         if in_channels != out_channels:
@@ -68,9 +96,9 @@ class AttnBlock(nn.Module):
     (B, C, H, W) -> (B, C, H, W). The softmax scale is C ** -0.5, SDPA's default for head dim C.
     """
 
-    def __init__(self, channels: int) -> None:
+    def __init__(self, channels: int, norm: str = "group") -> None:
         super().__init__()
-        self.norm = normalization(channels)
+        self.norm = normalization(channels, norm)
         self.q = nn.Conv2d(channels, channels, 1)
         self.k = nn.Conv2d(channels, channels, 1)
         self.v = nn.Conv2d(channels, channels, 1)
@@ -121,16 +149,17 @@ class _Level(nn.Module):
 
     @classmethod
     def build(
-        cls, block_in: int, block_out: int, count: int, attention: bool, dropout: float
+        cls, block_in: int, block_out: int, count: int, attention: bool, dropout: float, norm: str
     ) -> _Level:
         """`count` ResnetBlocks (block_in -> block_out, then block_out -> block_out), each
         followed by an AttnBlock when `attention`; created in taming's order, so a seed gives
         the same initial weights."""
         blocks, attns = [], []
         for index in range(count):
-            blocks.append(ResnetBlock(block_in if index == 0 else block_out, block_out, dropout))
+            channels_in = block_in if index == 0 else block_out
+            blocks.append(ResnetBlock(channels_in, block_out, dropout, norm))
             if attention:
-                attns.append(AttnBlock(block_out))
+                attns.append(AttnBlock(block_out, norm))
         return cls(blocks, attns)
 
     def run(self, h: torch.Tensor) -> torch.Tensor:
@@ -145,11 +174,11 @@ class _Mid(nn.Module):
     """ResnetBlock -> AttnBlock -> ResnetBlock at the lowest resolution (taming always has the
     attention; `attention=False` replaces it by the identity)."""
 
-    def __init__(self, channels: int, dropout: float, attention: bool = True) -> None:
+    def __init__(self, channels: int, dropout: float, attention: bool, norm: str) -> None:
         super().__init__()
-        self.block_1 = ResnetBlock(channels, channels, dropout)
-        self.attn_1 = AttnBlock(channels) if attention else nn.Identity()
-        self.block_2 = ResnetBlock(channels, channels, dropout)
+        self.block_1 = ResnetBlock(channels, channels, dropout, norm)
+        self.attn_1 = AttnBlock(channels, norm) if attention else nn.Identity()
+        self.block_2 = ResnetBlock(channels, channels, dropout, norm)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.block_2(self.attn_1(self.block_1(h)))
@@ -174,6 +203,7 @@ class Encoder(nn.Module):
         z_channels: int,
         dropout: float = 0.0,
         mid_attention: bool = True,
+        norm: str = "group",
     ) -> None:
         super().__init__()
         self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
@@ -182,14 +212,14 @@ class Encoder(nn.Module):
         for level, multiplier in enumerate(ch_mult):
             block_out = ch * multiplier
             attention = current_resolution in attn_resolutions
-            stage = _Level.build(block_in, block_out, num_res_blocks, attention, dropout)
+            stage = _Level.build(block_in, block_out, num_res_blocks, attention, dropout, norm)
             block_in = block_out
             if level != len(ch_mult) - 1:
                 stage.downsample = Downsample(block_in)
                 current_resolution //= 2
             self.down.append(stage)
-        self.mid = _Mid(block_in, dropout, mid_attention)
-        self.norm_out = normalization(block_in)
+        self.mid = _Mid(block_in, dropout, mid_attention, norm)
+        self.norm_out = normalization(block_in, norm)
         self.conv_out = nn.Conv2d(block_in, z_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -221,24 +251,25 @@ class Decoder(nn.Module):
         z_channels: int,
         dropout: float = 0.0,
         mid_attention: bool = True,
+        norm: str = "group",
     ) -> None:
         super().__init__()
         block_in = ch * ch_mult[-1]
         current_resolution = resolution // 2 ** (len(ch_mult) - 1)
         self.conv_in = nn.Conv2d(z_channels, block_in, 3, padding=1)
-        self.mid = _Mid(block_in, dropout, mid_attention)
+        self.mid = _Mid(block_in, dropout, mid_attention, norm)
         stages: list[_Level] = []
         for level in reversed(range(len(ch_mult))):
             block_out = ch * ch_mult[level]
             attention = current_resolution in attn_resolutions
-            stage = _Level.build(block_in, block_out, num_res_blocks + 1, attention, dropout)
+            stage = _Level.build(block_in, block_out, num_res_blocks + 1, attention, dropout, norm)
             block_in = block_out
             if level != 0:
                 stage.upsample = Upsample(block_in)
                 current_resolution *= 2
             stages.insert(0, stage)
         self.up = nn.ModuleList(stages)
-        self.norm_out = normalization(block_in)
+        self.norm_out = normalization(block_in, norm)
         self.conv_out = nn.Conv2d(block_in, out_channels, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:

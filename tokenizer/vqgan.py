@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from codegrid.io import load_model_folder, load_state_dict_strict, save_model_folder
-from tokenizer.modules import Decoder, Encoder
+from tokenizer.modules import NORMS, Decoder, Encoder
 from tokenizer.quantize import FSQ, RESTART_SOURCES, VectorQuantizer
 
 QUANTIZERS = ("vq", "fsq")
@@ -56,6 +56,7 @@ class VQGANConfig:
     num_res_blocks: int = 1
     attn_resolutions: tuple[int, ...] = ()
     mid_attention: bool = True
+    norm: str = "group"
     z_channels: int = 32
     dropout: float = 0.0
     quantizer: str = "vq"
@@ -105,6 +106,8 @@ class VQGANConfig:
             raise _invalid("attn_resolutions", self.attn_resolutions, f"values from {levels}")
         if not 0.0 <= self.dropout < 1.0:
             raise _invalid("dropout", self.dropout, "0 <= dropout < 1")
+        if self.norm not in NORMS:
+            raise _invalid("norm", self.norm, f"one of {NORMS}")
 
     def _validate_quantizer(self) -> None:
         if self.quantizer not in QUANTIZERS:
@@ -260,6 +263,7 @@ class VQGAN(nn.Module):
             "z_channels": config.z_channels,
             "dropout": config.dropout,
             "mid_attention": config.mid_attention,
+            "norm": config.norm,
         }
         self.encoder = Encoder(in_channels=config.in_channels, **shared)
         self.decoder = Decoder(out_channels=config.out_channels, **shared)
