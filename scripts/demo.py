@@ -87,7 +87,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 # ------------------------------------------------------------------ settings per device
 def train_settings(args: argparse.Namespace) -> dict:
-    """Flags of the training jobs. The preset is fixed (32 px, 8x8 codes, 256 codes); a GPU gets
+    """Flags of the training jobs. The preset is fixed (32 px, 8x8 codes, 1024 codes); a GPU gets
     a wider tokenizer, larger batches and bf16 in the same wall time."""
     cpu = args.device == "cpu"
     # Small batches win on 2 cores: at equal images seen, batch 32 reached the PSNR / validation
@@ -190,7 +190,7 @@ def job(script: str, *flags: object) -> list[str]:
 
 # ------------------------------------------------------------------ the stages
 def stage_tokenizer(args, out: Path, minutes: float, commands: list[str]) -> Path:
-    """Train the VQGAN on 32-pixel Shapes (8x8 code grid, 256 codes)."""
+    """Train the VQGAN on 32-pixel Shapes (8x8 code grid, 1024 codes)."""
     flags = ["--output-dir", out / "tokenizer", "--resolution", args.resolution]
     flags += ["--seed", args.seed, "--time-budget-minutes", f"{minutes:.3f}", "--resume"]
     flags += ["--num-train-samples", train_settings(args)["num_train_images"]]
