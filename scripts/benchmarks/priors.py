@@ -21,13 +21,19 @@ HF_VOCAB = TEXT_VOCAB + CODEBOOK + 1  # shared ids for text, codes and BOI
 
 
 def prior_config(settings, grid: int = 16, **overrides) -> PriorConfig:
-    """The benchmark prior (tiny in smoke mode) with an (grid x grid) image grid."""
-    dims = dict(d_model=512, num_layers=8, num_heads=8)
+    """The benchmark prior (tiny in smoke mode) with an (grid x grid) image grid.
+
+    Its blocks are GPT-2's (LayerNorm, a 4d GELU MLP) so that both sides of each ratio run the
+    same architecture and the ratio measures the implementation. With the prior's default
+    blocks (RMSNorm, SwiGLU) CFG sampling was 7% slower on this CPU (6.58 against 6.12 s,
+    interleaved): torch's CPU RMSNorm runs as several small kernels, LayerNorm as one.
+    """
+    dims = dict(d_model=512, num_layers=8, num_heads=8, norm="layernorm", mlp="gelu")
     vocab = dict(text_vocab_size=TEXT_VOCAB, codebook_size=CODEBOOK, text_length=TEXT_LENGTH)
     if settings.smoke:
-        dims = dict(d_model=64, num_layers=2, num_heads=4)
+        dims = dict(d_model=64, num_layers=2, num_heads=4, norm="layernorm", mlp="gelu")
         vocab = dict(text_vocab_size=64, codebook_size=64, text_length=8)
-    return PriorConfig(image_grid=(grid, grid), **dims, **vocab, **overrides)
+    return PriorConfig(image_grid=(grid, grid), **{**dims, **vocab, **overrides})
 
 
 def build_prior(config: PriorConfig, seed: int, device="cpu") -> Prior:
