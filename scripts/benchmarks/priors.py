@@ -25,8 +25,9 @@ def prior_config(settings, grid: int = 16, **overrides) -> PriorConfig:
 
     Its blocks are GPT-2's (LayerNorm, a 4d GELU MLP) so that both sides of each ratio run the
     same architecture and the ratio measures the implementation. With the prior's default
-    blocks (RMSNorm, SwiGLU) CFG sampling was 7% slower on this CPU (6.58 against 6.12 s,
-    interleaved): torch's CPU RMSNorm runs as several small kernels, LayerNorm as one.
+    blocks (RMSNorm, SwiGLU) CFG sampling was 7% slower on this CPU (medians of three
+    interleaved runs: 6.58 against 6.17 s): torch's CPU RMSNorm runs as several small kernels,
+    LayerNorm as one.
     """
     dims = dict(d_model=512, num_layers=8, num_heads=8, norm="layernorm", mlp="gelu")
     vocab = dict(text_vocab_size=TEXT_VOCAB, codebook_size=CODEBOOK, text_length=TEXT_LENGTH)
