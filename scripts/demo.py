@@ -1,6 +1,6 @@
 """The demo: train a tiny tokenizer and prior on 32-pixel Shapes, then sample and evaluate.
 
-    python scripts/demo.py                      # what `make demo` runs; about 10 minutes on 2 cores
+    python scripts/demo.py                      # what `make demo` runs; about 9 minutes on 2 cores
     python scripts/demo.py --device cuda        # a larger configuration on a GPU
     python scripts/demo.py --fresh              # start again instead of reusing finished stages
 
