@@ -29,12 +29,13 @@ def prior_config(settings, grid: int = 16, **overrides) -> PriorConfig:
     interleaved runs: 6.58 against 6.17 s): torch's CPU RMSNorm runs as several small kernels,
     LayerNorm as one.
     """
-    dims = dict(d_model=512, num_layers=8, num_heads=8, norm="layernorm", mlp="gelu")
+    dims = dict(d_model=512, num_layers=8, num_heads=8)
     vocab = dict(text_vocab_size=TEXT_VOCAB, codebook_size=CODEBOOK, text_length=TEXT_LENGTH)
     if settings.smoke:
-        dims = dict(d_model=64, num_layers=2, num_heads=4, norm="layernorm", mlp="gelu")
+        dims = dict(d_model=64, num_layers=2, num_heads=4)
         vocab = dict(text_vocab_size=64, codebook_size=64, text_length=8)
-    return PriorConfig(image_grid=(grid, grid), **{**dims, **vocab, **overrides})
+    blocks = dict(norm="layernorm", mlp="gelu")
+    return PriorConfig(image_grid=(grid, grid), **{**blocks, **dims, **vocab, **overrides})
 
 
 def build_prior(config: PriorConfig, seed: int, device="cpu") -> Prior:
