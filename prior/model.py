@@ -4,7 +4,8 @@ Design (issue 4, item 3):
 - Pre-norm blocks (RMSNorm or LayerNorm), a SwiGLU or GELU MLP, one fused qkv projection and
   `F.scaled_dot_product_attention`; no biases (LlamaGen `gpt.py`).
 - Text and image tokens have their own embeddings and output heads. The image head has exactly
-  `codebook_size` outputs, so an image position can never produce a text id.
+  `codebook_size` outputs, so an image position can never produce a text id. With
+  `tie_image_embeddings` the head reuses the image embedding's code rows (Press & Wolf 2017).
 - Positions: 1D RoPE for the text, 2D RoPE (row, column) for the image grid, with real
   positions for the whole prefix, unlike LlamaGen (prior/rope.py).
 """
@@ -42,6 +43,8 @@ class PriorConfig:
     The loss is `image_loss_weight * image_loss + text_loss_weight * text_loss`; DALL-E used 7/8
     and 1/8. A text head exists only when `text_loss_weight > 0`. For SwiGLU the hidden width is
     `2/3 * mlp_ratio * d_model` rounded up to `mlp_multiple_of` (LlamaGen: 8/3 d, multiple 256).
+    `tie_image_embeddings`: the image logits are `hidden @ E[:codebook_size].T` with E the image
+    embedding (GPT-2 ties its token embedding the same way; LlamaGen does not tie).
     """
 
     text_vocab_size: int = 512
@@ -62,6 +65,7 @@ class PriorConfig:
     text_pad_id: int = 0
     rope_theta: float = 10000.0
     init_std: float = 0.02
+    tie_image_embeddings: bool = False
 
     def __post_init__(self) -> None:
         self.image_grid = tuple(self.image_grid)
@@ -135,7 +139,11 @@ _LARGE.update(dropout=0.1, mlp_multiple_of=256)
 PRESETS: dict[str, dict] = {
     # Calibrated on 32-pixel Shapes with 2 CPU cores (research/calibration.md): 1.9M parameters.
     # LayerNorm: its fused CPU kernel made training steps ~10% faster than RMSNorm (measured).
-    "cpu-tiny": dict(d_model=192, num_layers=4, num_heads=4, norm="layernorm"),
+    # Tied image head: on the demo's codes, 4.3 minutes reached the validation loss that the
+    # untied head needed 12 minutes for (1.45 nats; README, "What limits alignment here").
+    "cpu-tiny": dict(
+        d_model=192, num_layers=4, num_heads=4, norm="layernorm", tie_image_embeddings=True
+    ),
     # Roughly LlamaGen GPT-B / L / XL (anchors-taming-llamagen.md section 2.4).
     "B": dict(_LARGE, d_model=768, num_layers=12, num_heads=12),
     "L": dict(_LARGE, d_model=1024, num_layers=24, num_heads=16),
@@ -252,7 +260,9 @@ class Prior(nn.Module):
         self.image_embedding = nn.Embedding(config.codebook_size + 1, config.d_model)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_layers))
         self.norm = _norm(config)
-        self.image_head = Projection(config.d_model, config.codebook_size)
+        self.image_head = None
+        if not config.tie_image_embeddings:
+            self.image_head = Projection(config.d_model, config.codebook_size)
         self.text_head = None
         if config.text_loss_weight > 0:
             self.text_head = Projection(config.d_model, config.text_vocab_size)
@@ -261,8 +271,8 @@ class Prior(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """N(0, init_std); residual projections scaled by 1/sqrt(2 * layers) (GPT-2); the image
-        head starts at zero, so the first loss is exactly ln(codebook_size) (LlamaGen)."""
+        """N(0, init_std); residual projections scaled by 1/sqrt(2 * layers) (GPT-2); an untied
+        image head starts at zero, so the first loss is exactly ln(codebook_size) (LlamaGen)."""
         std = self.config.init_std
         for module in self.modules():
             if isinstance(module, Projection | nn.Embedding):
@@ -272,13 +282,14 @@ class Prior(nn.Module):
         for block in self.blocks:
             for weight in (block.attn.proj.weight, block.mlp.down.weight):
                 nn.init.normal_(weight, std=std / math.sqrt(2 * self.config.num_layers))
-        nn.init.zeros_(self.image_head.weight)
+        if self.image_head is not None:
+            nn.init.zeros_(self.image_head.weight)
 
     def _apply(self, fn, recurse=True):
         # Rebuild the rotation table after .to()/.half()/.cuda(): it stays fp32 on the weights'
         # device, so positions never lose precision to a bf16 cast.
         super()._apply(fn, recurse)
-        self.rope = rope_table(self.config).to(self.image_head.weight.device)
+        self.rope = rope_table(self.config).to(self.image_embedding.weight.device)
         return self
 
     def backbone(self, x, start: int = 0, cache: KVCache | None = None, dropout: float = 0.0):
@@ -293,6 +304,13 @@ class Prior(nn.Module):
             else:
                 x = block(x, rotations, layer_cache, start, dropout)
         return self.norm(x)
+
+    def image_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Normed hidden states (..., D) -> fp32 logits over the codes (..., codebook_size)."""
+        if self.image_head is None:
+            codes = self.image_embedding.weight[: self.config.codebook_size]  # (V, D), no BOI
+            return (hidden @ codes.T).float()  # (..., V)
+        return self.image_head(hidden).float()  # (..., V)
 
     def embed(self, text_ids: torch.Tensor, image_inputs: torch.Tensor) -> torch.Tensor:
         """Text ids (B, T) and image input ids (B, n) in [0, codebook_size] (the last is BOI)
@@ -315,7 +333,7 @@ class Prior(nn.Module):
         hidden = self.backbone(
             _dropout(self.embed(text_ids, image_inputs), dropout), 0, None, dropout
         )
-        image_logits = self.image_head(hidden[:, text_length:]).float()  # (B, N, V)
+        image_logits = self.image_logits(hidden[:, text_length:])  # (B, N, V)
         image_loss = F.cross_entropy(image_logits.flatten(0, 1), codes.flatten())
         loss, text_loss = cfg.image_loss_weight * image_loss, None
         if self.text_head is not None:

@@ -92,7 +92,7 @@ def prefill(
     boi = codes.new_full((codes.shape[0], 1), prior.boi_id)
     inputs = prior.embed(text_ids, torch.cat([boi, codes], dim=1))  # (R, T + 1 + n, D)
     hidden = prior.backbone(inputs, 0, cache)  # (R, T + 1 + n, D)
-    return prior.image_head(hidden[:, -1]).float()  # (R, V)
+    return prior.image_logits(hidden[:, -1])  # (R, V)
 
 
 def decode_step(prior: Prior, codes: torch.Tensor, position: int, cache: KVCache) -> torch.Tensor:
@@ -102,7 +102,7 @@ def decode_step(prior: Prior, codes: torch.Tensor, position: int, cache: KVCache
     """
     inputs = prior.image_embedding(codes[:, None])  # (R, 1, D)
     hidden = prior.backbone(inputs, position, cache)  # (R, 1, D)
-    return prior.image_head(hidden[:, 0]).float()  # (R, V)
+    return prior.image_logits(hidden[:, 0])  # (R, V)
 
 
 def sample_next(
@@ -207,7 +207,7 @@ def generate(
         (B, h, w) long codes in [0, codebook_size).
     """
     cfg = prior.config
-    device = prior.image_head.weight.device
+    device = prior.image_embedding.weight.device
     batch, prefix = _validate(prior, text_ids, prefix_codes, generator, device)
     _validate_knobs(guidance_scale, temperature, top_k, top_p)
     if null_text_ids is None and guidance_scale != 1.0:
@@ -248,7 +248,7 @@ def _cached_loop(prior, rows, codes, start, sampler, progress, compile_decode_st
     if compile_decode_step:
         backend = compile_decode_step if isinstance(compile_decode_step, str) else "inductor"
         step = torch.compile(decode_step, dynamic=True, backend=backend)
-    weight = prior.image_head.weight
+    weight = prior.image_embedding.weight
     dtype = weight.dtype
     if torch.is_autocast_enabled(weight.device.type):
         dtype = torch.get_autocast_dtype(weight.device.type)

@@ -45,7 +45,14 @@ from prior import PRESETS, Prior, PriorConfig, TextTokenizer, drop_captions, gen
 
 IDENTITY_FILE = "image_tokenizer_identity.json"
 TEXT_TOKENIZER_DIR = "text_tokenizer"
-ARCHITECTURE_FLAGS = ("d_model", "num_layers", "num_heads", "dropout", "text_loss_weight")
+ARCHITECTURE_FLAGS = (
+    "d_model",
+    "num_layers",
+    "num_heads",
+    "dropout",
+    "text_loss_weight",
+    "tie_image_embeddings",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--num-layers", type=int, default=None, help="blocks (default: the preset's)")
     add("--num-heads", type=int, default=None, help="attention heads (default: the preset's)")
     add("--dropout", type=float, default=None, help="dropout (default: the preset's)")
+    add("--tie-image-embeddings", action=argparse.BooleanOptionalAction, default=None,
+        help="image head = the image embedding's code rows (default: the preset's; cpu-tiny ties)")
     add("--text-loss-weight", type=float, default=None, help="0 (default) skips the text "
         "logits entirely, which keeps the step lean; DALL-E used 1/8")
     add("--caption-dropout", type=float, default=0.1, help="null-caption probability (CFG)")

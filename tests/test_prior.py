@@ -73,6 +73,26 @@ def test_forward_shapes_and_image_head_never_covers_text_ids():
     assert make_prior().text_head is None and model(text, codes).image_logits.dtype == torch.float32
 
 
+def test_tied_image_head_is_the_code_rows_of_the_image_embedding():
+    """Tied logits are `hidden @ E[:codebook_size].T`: BOI (the extra row) is never a target,
+    there is no separate head weight, and a gradient through the logits reaches E."""
+    model = make_prior(tie_image_embeddings=True)
+    text, codes = random_batch(model.config)
+    assert model.image_head is None and "image_head.weight" not in model.state_dict()
+    hidden = torch.randn(5, model.config.d_model)
+    expected = hidden @ model.image_embedding.weight[:24].T
+    torch.testing.assert_close(model.image_logits(hidden), expected)
+    out = model(text, codes)
+    assert out.image_logits.shape == (3, 12, 24)
+    out.image_loss.backward()
+    grad = model.image_embedding.weight.grad
+    unused = torch.ones(25, dtype=torch.bool)
+    unused[codes.flatten()] = False
+    unused[model.boi_id] = False  # BOI is an input at every image sequence's start
+    # Codes that are neither inputs nor targets still get a gradient through the logits.
+    assert unused[:24].any() and (grad[:24][unused[:24]].abs().sum(-1) > 0).all()
+
+
 def test_initial_loss_is_uniform_and_bad_inputs_are_refused():
     model = Prior(PriorConfig(**TINY))
     text, codes = random_batch(model.config)
@@ -182,8 +202,9 @@ def test_dropout_only_in_training_mode():
     assert model(text, codes).loss.item() != model(text, codes).loss.item()
 
 
-def test_save_and_from_pretrained_round_trip(tmp_path):
-    model = make_prior(text_loss_weight=0.1, norm="layernorm")
+@pytest.mark.parametrize("tie", [False, True])
+def test_save_and_from_pretrained_round_trip(tmp_path, tie):
+    model = make_prior(text_loss_weight=0.1, norm="layernorm", tie_image_embeddings=tie)
     text, codes = random_batch(model.config)
     model.save_pretrained(tmp_path / "prior")
     loaded = Prior.from_pretrained(tmp_path / "prior")

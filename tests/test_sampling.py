@@ -39,7 +39,10 @@ def model():
     return make_prior()
 
 
-@pytest.mark.parametrize("config", [dict(), dict(norm="layernorm", mlp="gelu", num_layers=3)])
+@pytest.mark.parametrize(
+    "config",
+    [dict(), dict(norm="layernorm", mlp="gelu", num_layers=3), dict(tie_image_embeddings=True)],
+)
 @pytest.mark.parametrize("prefix", [0, 5])
 def test_kv_cache_logits_equal_full_forward_at_every_step(config, prefix):
     """Teacher-forced: prefill (with `prefix` codes) then one cached step per code gives the

@@ -39,12 +39,14 @@ def prior_config(settings, grid: int = 16, **overrides) -> PriorConfig:
 
 
 def build_prior(config: PriorConfig, seed: int, device="cpu") -> Prior:
-    """A Prior with seeded random weights; the image head is re-drawn from N(0, 0.02) because
-    its zero init would make every code equally likely (sampling cost does not depend on it,
-    but equivalence checks are stronger with peaked distributions)."""
+    """A Prior with seeded random weights; an untied image head is re-drawn from N(0, 0.02)
+    because its zero init would make every code equally likely (sampling cost does not depend on
+    it, but equivalence checks are stronger with peaked distributions). A tied head already is
+    the N(0, 0.02) embedding."""
     torch.manual_seed(seed)
     model = Prior(config)
-    nn.init.normal_(model.image_head.weight, std=0.02)
+    if model.image_head is not None:
+        nn.init.normal_(model.image_head.weight, std=0.02)
     return model.to(device)
 
 
