@@ -140,7 +140,8 @@ PRESETS: dict[str, dict] = {
     # Calibrated on 32-pixel Shapes with 2 CPU cores (research/calibration.md): 1.9M parameters.
     # LayerNorm: its fused CPU kernel made training steps ~10% faster than RMSNorm (measured).
     # Tied image head: on the demo's codes, 4.3 minutes reached the validation loss that the
-    # untied head needed 12 minutes for (1.45 nats; README, "What limits alignment here").
+    # untied head needed 12 minutes for (1.45 nats; README, "The prior's head, schedule and
+    # sampling").
     "cpu-tiny": dict(
         d_model=192, num_layers=4, num_heads=4, norm="layernorm", tie_image_embeddings=True
     ),
