@@ -373,6 +373,11 @@ def build_metrics(args: argparse.Namespace, out: Path, state: dict, wall: float)
             name: {"target": target, "value": figures[name], "met": figures[name] >= target}
             for name, target in TARGETS.items()
         },
+        # The judge on the tokenizer's reconstructions of the test renders: the best any prior
+        # could reach with this tokenizer.
+        "reconstruction_all_correct": {
+            group: row["all_correct"] for group, row in evaluation["reconstruction"].items()
+        },
         "per_attribute": accuracy_table(test),
         "sweep": {key: evaluation["sweep"][key] for key in ("split", "num_prompts", "chosen")}
         | {"all_correct": [sweep_row(row) for row in evaluation["sweep"]["results"]]},
@@ -395,6 +400,11 @@ def print_summary(metrics: dict, out: Path) -> None:
         print(f"  {name:32s} {row['value']:8.3f}   target >= {row['target']:g}: {status}")
     print(f"  {'all_correct_without_cfg':32s} {metrics['all_correct_without_cfg']:8.3f}")
     print(f"  {'guidance_scale':32s} {metrics['guidance_scale']:8g}")
+    ceiling = metrics["reconstruction_all_correct"]
+    print(
+        f"  ceiling: the tokenizer's reconstructions of the test renders are all correct for "
+        f"{ceiling['seen']:.3f} seen, {ceiling['held_out']:.3f} held-out"
+    )
     times = ", ".join(f"{name} {value:.0f} s" for name, value in metrics["stage_seconds"].items())
     print(f"  stage times: {times}; total {metrics['total_seconds']:.0f} s")
     print(f"wrote {out / 'metrics.json'} and {out / 'grid.png'}")

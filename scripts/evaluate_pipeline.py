@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from pipelines import TextToImagePipeline
 from pipelines.data.judge import judge_batch
@@ -153,6 +154,34 @@ def run_sweep(pipeline: TextToImagePipeline, args: argparse.Namespace, default: 
         "results": table,
         "chosen": {key: best[key] for key in default},
     }
+
+
+def reconstruction_ceiling(
+    pipeline: TextToImagePipeline, count: int, held_out: bool, seed: int, batch: int
+) -> dict:
+    """The judge on the image tokenizer's encode -> decode of `count` test-split renders (the
+    records the test prompts are drawn from): the pipeline can draw at best what its tokenizer
+    reconstructs, so this is the ceiling of its all-correct rate."""
+    dataset = make_shapes_dataset(
+        "test",
+        count,
+        resolution=pipeline.config.resolution,
+        seed=seed,
+        held_out_fraction=1.0 if held_out else 0.0,
+    )
+    records = [dict(row) for row in dataset.remove_columns("image")]
+    pixels = np.stack([np.asarray(image, np.float32) for image in dataset["image"]])  # (N,H,W,3)
+    images = torch.from_numpy(pixels).permute(0, 3, 1, 2) / 127.5 - 1.0  # (N, 3, H, W)
+    tokenizer, decoded = pipeline.image_tokenizer, []
+    with torch.inference_mode():
+        for chunk in images.split(batch):
+            recon = tokenizer.decode(tokenizer.encode(chunk.to(pipeline.device))).float().cpu()
+            recon = ((recon.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # (b, 3, H, W)
+            decoded.append(recon.permute(0, 2, 3, 1))  # (b, H, W, 3)
+    images = [Image.fromarray(array) for array in torch.cat(decoded).numpy()]
+    if images[0].size[0] != 32:  # as in judge_prompts: the judge works at 32 px
+        images = [image.resize((32, 32), resample=3) for image in images]
+    return judge_batch(images, records)
 
 
 def run_tests(pipeline: TextToImagePipeline, args: argparse.Namespace, setting: dict) -> dict:
@@ -285,6 +314,13 @@ def main(args: argparse.Namespace) -> dict:
             setting[key] = getattr(args, key) or None if key == "top_k" else getattr(args, key)
     report["sampling"] = {**vars(config), **setting}
     report["test"] = run_tests(pipeline, args, setting)
+    groups = {"seen": False, **({"held_out": True} if args.held_out else {})}
+    report["reconstruction"] = {  # the same test records, reconstructed by the image tokenizer
+        group: reconstruction_ceiling(
+            pipeline, args.num_prompts, held_out, args.seed, args.batch_size
+        )
+        for group, held_out in groups.items()
+    }
     if args.reference_dir is not None:
         report["reference"] = reference_metrics(pipeline, args)
     report["seconds"] = round(time.perf_counter() - start, 2)
@@ -306,6 +342,8 @@ def print_summary(report: dict) -> None:
         print(
             f"  tokenizer: PSNR {tokenizer['psnr_db']:.2f} dB, usage {tokenizer['codebook_usage']:.3f}"
         )
+    for group, row in report.get("reconstruction", {}).items():
+        print(f"  test {group:8s} tokenizer reconstructions: all correct {row['all_correct']:.3f}")
     for label, groups in report["test"].items():
         if label == "split":
             continue

@@ -33,6 +33,8 @@ def test_demo_micro_budget_then_reuse(tmp_path, capsys, monkeypatch):
     for name in ("tokenizer_psnr_db", "codebook_usage", "all_correct_with_cfg"):
         assert metrics["targets"][name]["value"] == metrics[name]
     assert metrics["num_test_prompts"] == {"seen": 3, "held_out": 3}
+    ceiling = metrics["reconstruction_all_correct"]
+    assert ceiling.keys() == {"seen", "held_out"} and all(0 <= v <= 1 for v in ceiling.values())
     assert set(metrics["per_attribute"]["with_cfg"]["held_out"]) >= {"shape", "clean"}
     assert str(metrics["guidance_scale"]) in {"1.0", "2.0"}
     columns = demo.GRID_IMAGES_PER_PROMPT * demo.GRID_PROMPTS_PER_ROW

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from types import SimpleNamespace
 
 import evaluate_pipeline
 import make_pipeline
@@ -15,6 +16,7 @@ import sample
 import torch
 from image_files import image_pixels, image_size
 from PIL import Image
+from test_evaluate_tokenizer import _Grey, _Lossless
 from test_pipeline import PROMPTS, tiny_prior, tiny_vqgan
 
 from pipelines import TextToImagePipeline
@@ -122,9 +124,24 @@ def test_evaluate_sweep_stores_best_scale(component_dirs, tmp_path):
     for group in ("seen", "held_out"):
         row = test["with_cfg"][group]
         assert row["count"] == 3 and 0.0 <= row["all_correct"] <= 1.0
+    assert report["reconstruction"].keys() == {"seen", "held_out"}
+    assert all(row["count"] == 3 for row in report["reconstruction"].values())
     tokenizer = report["tokenizer"]
     assert tokenizer["num_images"] == 6 and 0 < tokenizer["codebook_usage"] <= 1
     assert np.isfinite(tokenizer["psnr_db"])
+
+
+@pytest.mark.parametrize("held_out", [False, True])
+def test_reconstruction_ceiling_judges_the_test_renders(held_out):
+    """A lossless tokenizer passes every test render, seen or held-out; a grey one none; and the
+    records judged are the test prompts' own."""
+    pipeline = SimpleNamespace(config=SimpleNamespace(resolution=32), device=torch.device("cpu"))
+    pipeline.image_tokenizer = _Lossless()
+    perfect = evaluate_pipeline.reconstruction_ceiling(pipeline, 30, held_out, 0, batch=8)
+    assert perfect["count"] == 30 and perfect["all_correct"] == 1.0
+    pipeline.image_tokenizer = _Grey()
+    grey = evaluate_pipeline.reconstruction_ceiling(pipeline, 30, held_out, 0, batch=8)
+    assert grey["all_correct"] == 0.0 and grey["color"] == 0.0
 
 
 def test_evaluate_prompt_sets_are_disjoint_by_split_and_pair():
