@@ -1,4 +1,4 @@
-"""Shared infrastructure of the training jobs (`scripts/train_*.py`).
+"""Shared infrastructure of the training jobs (`scripts/train_*.py`) and the demo.
 
 One concept per module: the run folder and its logs (`run_folder`), atomic checkpoints with
 verified resume (`checkpoint`), the learning-rate schedule (`schedule`), an EMA of weights
@@ -6,6 +6,6 @@ verified resume (`checkpoint`), the learning-rate schedule (`schedule`), an EMA 
 wall-clock budget (`budget`), the deterministic step sampler (`sampler`), argument checks
 (`validation`), in-training validation metrics (`evaluation`), optimizer groups (`optim`), PNG
 grids (`images`), the tokenizer job's GAN objective (`vqgan_objective`), and the shared flags,
-train state and step loop (`loop`). Only the jobs parse arguments; model code stays free of
+train state and step loop (`loop`), and the demo's metrics report (`demo_report`). Only the jobs parse arguments; model code stays free of
 optimizers and logging.
 """

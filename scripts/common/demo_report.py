@@ -1,0 +1,82 @@
+"""The demo's OUT/metrics.json (the issue's figures beside their targets, the tokenizer's
+ceiling, per-attribute accuracies, the sweep, stage times) and its printed summary."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+TARGETS = {"tokenizer_psnr_db": 30.0, "codebook_usage": 0.90}  # issue 5: what the demo should reach
+TARGETS |= {"all_correct_with_cfg": 0.90, "held_out_all_correct_with_cfg": 0.70}
+
+
+def accuracy_table(test: dict) -> dict:
+    """Per-attribute accuracies {with_cfg|without_cfg: {seen|held_out: {attribute: rate}}}."""
+    keys = ("color", "shape", "size", "position", "background", "clean", "all_correct", "count")
+    return {
+        label: {group: {key: row[key] for key in keys} for group, row in groups.items()}
+        for label, groups in test.items()
+        if label != "split"
+    }
+
+
+def sweep_row(row: dict) -> dict:
+    return {key: row[key] for key in ("guidance_scale", "temperature", "top_k", "all_correct")}
+
+
+def build_metrics(args: argparse.Namespace, out: Path, state: dict, wall: float) -> dict:
+    """metrics.json: the issue's figures, the targets they are compared with, stage times."""
+    evaluation = json.loads((out / "evaluation.json").read_text())
+    test, tokenizer = evaluation["test"], evaluation["tokenizer"]
+    figures = {
+        "tokenizer_psnr_db": tokenizer["psnr_db"],
+        "codebook_usage": tokenizer["codebook_usage"],
+        "all_correct_with_cfg": test["with_cfg"]["seen"]["all_correct"],
+        "all_correct_without_cfg": test["without_cfg"]["seen"]["all_correct"],
+        "held_out_all_correct_with_cfg": test["with_cfg"]["held_out"]["all_correct"],
+        "held_out_all_correct_without_cfg": test["without_cfg"]["held_out"]["all_correct"],
+    }
+    seconds = {name: record["seconds"] for name, record in state["stages"].items()}
+    return {
+        **figures,
+        "guidance_scale": evaluation["sampling"]["guidance_scale"],
+        "targets": {
+            name: {"target": target, "value": figures[name], "met": figures[name] >= target}
+            for name, target in TARGETS.items()
+        },
+        # The judge on the tokenizer's reconstructions of the test renders: the best any prior
+        # could reach with this tokenizer.
+        "reconstruction_all_correct": {
+            group: row["all_correct"] for group, row in evaluation["reconstruction"].items()
+        },
+        "per_attribute": accuracy_table(test),
+        "sweep": {key: evaluation["sweep"][key] for key in ("split", "num_prompts", "chosen")}
+        | {"all_correct": [sweep_row(row) for row in evaluation["sweep"]["results"]]},
+        "num_test_prompts": {group: row["count"] for group, row in test["with_cfg"].items()},
+        "tokenizer": tokenizer,
+        "sampling": evaluation["sampling"],
+        "stage_seconds": seconds,
+        "total_seconds": round(sum(seconds.values()), 1),
+        "this_run_seconds": round(wall, 1),
+        "budget_minutes": args.budget_minutes,
+        "settings": state["settings"],
+        "commands": {name: record["commands"] for name, record in state["stages"].items()},
+    }
+
+
+def print_summary(metrics: dict, out: Path) -> None:
+    print("\nresults (test prompts; guidance chosen on validation prompts):")
+    for name, row in metrics["targets"].items():
+        status = "met" if row["met"] else "MISSED"
+        print(f"  {name:32s} {row['value']:8.3f}   target >= {row['target']:g}: {status}")
+    print(f"  {'all_correct_without_cfg':32s} {metrics['all_correct_without_cfg']:8.3f}")
+    print(f"  {'guidance_scale':32s} {metrics['guidance_scale']:8g}")
+    ceiling = metrics["reconstruction_all_correct"]
+    print(
+        f"  ceiling: the tokenizer's reconstructions of the test renders are all correct for "
+        f"{ceiling['seen']:.3f} seen, {ceiling['held_out']:.3f} held-out"
+    )
+    times = ", ".join(f"{name} {value:.0f} s" for name, value in metrics["stage_seconds"].items())
+    print(f"  stage times: {times}; total {metrics['total_seconds']:.0f} s")
+    print(f"wrote {out / 'metrics.json'} and {out / 'grid.png'}")
