@@ -267,17 +267,19 @@ def test_budget_fixes_the_step_count_after_the_measurement_window(monkeypatch):
     monkeypatch.setattr(budget_module.time, "monotonic", lambda: clock["now"])
     accelerator = Accelerator(cpu=True)
     budget = StepBudget(
-        minutes=1.0, max_steps=None, measure_steps=4, safety=1.0, reserve_seconds=0.0
+        minutes=1.0, max_steps=None, measure_steps=4, skip_steps=3, safety=1.0, reserve_seconds=0.0
     )
     assert budget.total_steps is None and budget.current_total(77) == 77
     fixed = []
-    for step in range(1, 7):
-        clock["now"] += 2.0  # 2 s per step
+    for step in range(1, 9):
+        clock["now"] += 5.0 if step <= 3 else 2.0  # slow warm-up steps, then 2 s per step
         fixed.append(budget.observe(step, accelerator))
-    assert fixed == [False, False, False, False, True, False]
-    # 5 steps took 10 s of 60: 50 s left at 2 s per step -> 25 more steps
-    assert budget.seconds_per_step == pytest.approx(2.0) and budget.total_steps == 5 + 25
-    capped = StepBudget(minutes=1.0, max_steps=12, measure_steps=1, safety=1.0, reserve_seconds=0.0)
+    assert fixed == [False] * 6 + [True, False]
+    # only steps 4-7 are timed (2 s each): 7 steps took 15 + 8 = 23 s of 60, 37 s left -> 18 more
+    assert budget.seconds_per_step == pytest.approx(2.0) and budget.total_steps == 7 + 18
+    capped = StepBudget(
+        minutes=1.0, max_steps=12, measure_steps=1, skip_steps=1, safety=1.0, reserve_seconds=0.0
+    )
     for step in range(1, 3):
         clock["now"] += 2.0
         capped.observe(step, accelerator)

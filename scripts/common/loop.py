@@ -63,7 +63,7 @@ def add_common_arguments(parser: argparse.ArgumentParser, learning_rate: float) 
     add("--warmup-steps", type=int, default=100, help="linear LR warmup steps")
     add("--min-lr-ratio", type=float, default=0.1, help="cosine floor as a fraction of the peak")
     add("--max-steps", type=int, default=None, help="optimizer steps (caps the budget's count)")
-    add("--time-budget-minutes", type=float, default=None, help="wall-clock budget: after ~30 "
+    add("--time-budget-minutes", type=float, default=None, help="wall-clock budget: after ~40 "
         "steps the step time fixes the total step count (and the LR schedule) so the run ends "
         "in time; the count is stored in checkpoints so resume is exact")
     add("--gradient-accumulation-steps", type=int, default=1, help="micro-batches per step")
