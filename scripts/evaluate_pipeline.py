@@ -14,6 +14,8 @@ Protocol (no figure is chosen on the prompts it reports):
   appeared in training. They are reported at the evaluation scale and without CFG (scale 1).
 - "all_correct" means colour, shape, size, position, background right and the image clean
   (`pipelines.data.judge`).
+- `reconstruction` judges the image tokenizer's encode -> decode of the test renders behind the
+  same test prompts: the ceiling of what any prior can draw with that tokenizer.
 
 Real data: `--reference-dir DIR` samples one image per reference caption and reports FID and KID
 (torchmetrics) against the reference images when Inception weights are available
