@@ -10,7 +10,8 @@ Stages (each a job a user could type; the command is printed before it runs):
   [3/5] prior      scripts/train_prior.py --preset cpu-tiny on the codes, with caption dropout
   [4/5] evaluate   scripts/make_pipeline.py, then scripts/evaluate_pipeline.py: guidance sweep
                    on validation prompts (stored as the pipeline default), test figures on
-                   separate seen and held-out prompts, tokenizer PSNR and codebook usage
+                   separate seen and held-out prompts, the judge on the tokenizer's own
+                   reconstructions of the test renders, tokenizer PSNR and codebook usage
   [5/5] grid       samples OUT/grid.png for GRID_PROMPTS (4 of them held-out pairs)
 
 Budget (`--budget-minutes`, default 9.5, everything after install): the tokenizer gets
@@ -93,9 +94,10 @@ def train_settings(args: argparse.Namespace) -> dict:
     cpu = args.device == "cpu"
     # Small batches win on 2 cores: at equal images seen, batch 32 reached the PSNR / validation
     # loss of batch 64 or better, at half the cost per step (measured for this demo). The prior
-    # is shorter of steps still: on one demo's codes, 4.2 minutes at batch 16 / lr 2e-3 (1507
+    # gains from more steps too: on one demo's codes, 4.2 minutes at batch 16 / lr 2e-3 (1507
     # steps) drew all attributes right for 32.0% of seen test prompts, against 22.0% at batch
-    # 32 / lr 3e-3 (772 steps) and 27.0% at batch 8 / lr 1.4e-3 (2500 steps; README).
+    # 32 / lr 3e-3 (772 steps) and 27.0% at batch 8 / lr 1.4e-3 (2500 steps); on another
+    # demo's codes batch 16 and 32 were equal (28.5% and 30.0%; README).
     tokenizer_batch = args.tokenizer_batch_size or (32 if cpu else 256)
     prior_batch = args.prior_batch_size or (16 if cpu else 256)
     prior_lr = "2e-3" if cpu else "3e-3"
@@ -104,8 +106,8 @@ def train_settings(args: argparse.Namespace) -> dict:
     tokenizer = ["--preset", "cpu-tiny", "--batch-size", tokenizer_batch, "--learning-rate", "2e-3"]
     tokenizer += ["--reconstruction", "l2", "--disc-weight", "0", "--perceptual-weight", "0"]
     tokenizer += ["--warmup-steps", "50", "--checkpoint-every", "250"]
-    # After 1.5 min at batch 32 the validation loss was 1.83 nats at 3e-3, 1.93 at 6e-3 and 2.70
-    # at 1.2e-2; batch 64 at 6e-3 gave 2.38 (half the steps).
+    # History (256 codes, batch 32): after 1.5 min the validation loss was 1.83 nats at lr 3e-3,
+    # 1.93 at 6e-3 and 2.70 at 1.2e-2; batch 64 at 6e-3 gave 2.38 (half the steps).
     prior = ["--preset", "cpu-tiny", "--batch-size", prior_batch, "--learning-rate", prior_lr]
     prior += ["--warmup-steps", "50", "--checkpoint-every", "250"]
     if not cpu:

@@ -15,7 +15,8 @@ Protocol (no figure is chosen on the prompts it reports):
 - "all_correct" means colour, shape, size, position, background right and the image clean
   (`pipelines.data.judge`).
 - `reconstruction` judges the image tokenizer's encode -> decode of the test renders behind the
-  same test prompts: the ceiling of what any prior can draw with that tokenizer.
+  same test prompts: about what a prior that reproduced the encoder's codes exactly would reach
+  (the practical ceiling of a prior trained on those codes).
 
 Real data: `--reference-dir DIR` samples one image per reference caption and reports FID and KID
 (torchmetrics) against the reference images when Inception weights are available
@@ -33,10 +34,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from pipelines import TextToImagePipeline
-from pipelines.data.judge import judge_batch
+from pipelines.data.judge import judge_batch, judge_reconstructions
 from pipelines.data.shapes import make_shapes_dataset
 from pipelines.serialization import update_pipeline_config
 
@@ -162,8 +162,8 @@ def reconstruction_ceiling(
     pipeline: TextToImagePipeline, count: int, held_out: bool, seed: int, batch: int
 ) -> dict:
     """The judge on the image tokenizer's encode -> decode of `count` test-split renders (the
-    records the test prompts are drawn from): the pipeline can draw at best what its tokenizer
-    reconstructs, so this is the ceiling of its all-correct rate."""
+    records the test prompts are drawn from): about what a prior that reproduced the encoder's
+    codes exactly would reach, the practical ceiling of the pipeline's all-correct rate."""
     dataset = make_shapes_dataset(
         "test",
         count,
@@ -172,26 +172,20 @@ def reconstruction_ceiling(
         held_out_fraction=1.0 if held_out else 0.0,
     )
     records = [dict(row) for row in dataset.remove_columns("image")]
-    pixels = np.stack([np.asarray(image, np.float32) for image in dataset["image"]])  # (N,H,W,3)
-    images = torch.from_numpy(pixels).permute(0, 3, 1, 2) / 127.5 - 1.0  # (N, 3, H, W)
-    tokenizer, decoded = pipeline.image_tokenizer, []
-    with torch.inference_mode():
-        for chunk in images.split(batch):
-            recon = tokenizer.decode(tokenizer.encode(chunk.to(pipeline.device))).float().cpu()
-            recon = ((recon.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # (b, 3, H, W)
-            decoded.append(recon.permute(0, 2, 3, 1))  # (b, H, W, 3)
-    images = [Image.fromarray(array) for array in torch.cat(decoded).numpy()]
-    if images[0].size[0] != 32:  # as in judge_prompts: the judge works at 32 px
-        images = [image.resize((32, 32), resample=3) for image in images]
-    return judge_batch(images, records)
+    renders = np.stack([np.asarray(image, np.uint8) for image in dataset["image"]])  # (N,H,W,3)
+    return judge_reconstructions(pipeline.image_tokenizer, renders, records, batch)
+
+
+def prompt_groups(args: argparse.Namespace) -> dict[str, bool]:
+    """Test groups -> whether their prompts are held-out pairs."""
+    return {"seen": False, **({"held_out": True} if args.held_out else {})}
 
 
 def run_tests(pipeline: TextToImagePipeline, args: argparse.Namespace, setting: dict) -> dict:
     """Test-split figures with `setting` and without CFG, for seen (and held-out) pairs."""
-    groups = {"seen": False, **({"held_out": True} if args.held_out else {})}
     report: dict = {"split": "test"}
     settings = {"with_cfg": setting, "without_cfg": {**setting, "guidance_scale": 1.0}}
-    for group, held_out in groups.items():
+    for group, held_out in prompt_groups(args).items():
         records = shapes_prompts("test", args.num_prompts, held_out, args.seed)
         seed = args.seed * 1000 + SEED_OFFSETS[f"test_{group}"]
         for label, value in settings.items():
@@ -316,12 +310,11 @@ def main(args: argparse.Namespace) -> dict:
             setting[key] = getattr(args, key) or None if key == "top_k" else getattr(args, key)
     report["sampling"] = {**vars(config), **setting}
     report["test"] = run_tests(pipeline, args, setting)
-    groups = {"seen": False, **({"held_out": True} if args.held_out else {})}
     report["reconstruction"] = {  # the same test records, reconstructed by the image tokenizer
         group: reconstruction_ceiling(
             pipeline, args.num_prompts, held_out, args.seed, args.batch_size
         )
-        for group, held_out in groups.items()
+        for group, held_out in prompt_groups(args).items()
     }
     if args.reference_dir is not None:
         report["reference"] = reference_metrics(pipeline, args)

@@ -218,7 +218,6 @@ def evaluate(model, batches, lpips_module: nn.Module | None = None, fid_metric=N
     }
 
 
-@torch.inference_mode()
 def judge_reconstructions(
     model, num_images: int, resolution: int, seed: int = 0, batch_size: int = 32
 ) -> dict:
@@ -227,24 +226,13 @@ def judge_reconstructions(
     Returns judge_batch's accuracies (0..1) and count."""
     import numpy as np
 
-    from pipelines.data.judge import judge_batch
+    from pipelines.data.judge import judge_reconstructions as judge
     from pipelines.data.shapes import render, sample_attribute_batch
 
     rng = np.random.default_rng(seed)
     attributes = sample_attribute_batch(rng, num_images, "exclude")
     renders = np.stack([render(record, resolution, rng) for record in attributes])  # (N, R, R, 3)
-    decoded = []
-    for start in range(0, num_images, batch_size):
-        chunk = torch.from_numpy(renders[start : start + batch_size]).permute(0, 3, 1, 2)
-        images = chunk.float().div(127.5).sub(1).to(model_device(model))  # (B, 3, R, R)
-        decoded.append(to_uint8(model.decode(model.encode(images))).permute(0, 2, 3, 1).cpu())
-    return judge_batch(torch.cat(decoded).numpy(), attributes)  # (N, R, R, 3) uint8
-
-
-def model_device(model) -> torch.device:
-    parameters = getattr(model, "parameters", None)
-    first = next(parameters(), None) if parameters is not None else None
-    return first.device if first is not None else torch.device("cpu")
+    return judge(model, renders, attributes, batch_size)
 
 
 def image_batches(args: argparse.Namespace, resolution: int):

@@ -285,6 +285,8 @@ def test_budget_fixes_the_step_count_after_the_measurement_window(monkeypatch):
         capped.observe(step, accelerator)
     assert capped.total_steps == 12
     assert StepBudget(minutes=None, max_steps=9).total_steps == 9
+    with pytest.raises(ValueError, match="skip_steps=0"):
+        StepBudget(minutes=1.0, max_steps=None, skip_steps=0)
 
 
 # ---------------------------------------------------------------- run folder, optim, images

@@ -105,8 +105,8 @@ def test_sample_without_prompts_fails(pipeline_dir, tmp_path):
         sample.main(sample.parse_args(["--pipeline", str(pipeline_dir), "--out", str(tmp_path)]))
 
 
-def test_evaluate_sweep_stores_best_scale(component_dirs, tmp_path):
-    pipeline = TextToImagePipeline.from_pretrained(component_dirs / "pipe")
+def test_evaluate_sweep_stores_best_scale(pipeline_dir, tmp_path):
+    pipeline = TextToImagePipeline.from_pretrained(pipeline_dir)
     folder = pipeline.save_pretrained(tmp_path / "pipe")  # a copy: the sweep rewrites its config
     argv = ["--pipeline", str(folder), "--num-prompts", "3", "--held-out"]
     argv += ["--sweep-guidance", "1,2", "--num-validation-prompts", "3", "--tokenizer-images", "6"]
@@ -131,14 +131,24 @@ def test_evaluate_sweep_stores_best_scale(component_dirs, tmp_path):
     assert np.isfinite(tokenizer["psnr_db"])
 
 
+@pytest.mark.parametrize("resolution", [32, 64])
 @pytest.mark.parametrize("held_out", [False, True])
-def test_reconstruction_ceiling_judges_the_test_renders(held_out):
-    """A lossless tokenizer passes every test render, seen or held-out; a grey one none; and the
-    records judged are the test prompts' own."""
-    pipeline = SimpleNamespace(config=SimpleNamespace(resolution=32), device=torch.device("cpu"))
+def test_reconstruction_ceiling_judges_the_test_renders(held_out, resolution, monkeypatch):
+    """A lossless tokenizer passes every test render, seen or held-out, at 32 px and resized
+    from 64 px; a grey one passes none; and the records judged are the test prompts' own."""
+    pipeline = SimpleNamespace(config=SimpleNamespace(resolution=resolution))
     pipeline.image_tokenizer = _Lossless()
+    judged = []
+    judge = evaluate_pipeline.judge_reconstructions
+
+    def recording_judge(tokenizer, renders, records, batch_size):
+        judged.append(records)
+        return judge(tokenizer, renders, records, batch_size)
+
+    monkeypatch.setattr(evaluate_pipeline, "judge_reconstructions", recording_judge)
     perfect = evaluate_pipeline.reconstruction_ceiling(pipeline, 30, held_out, 0, batch=8)
     assert perfect["count"] == 30 and perfect["all_correct"] == 1.0
+    assert judged[0] == evaluate_pipeline.shapes_prompts("test", 30, held_out, 0)
     pipeline.image_tokenizer = _Grey()
     grey = evaluate_pipeline.reconstruction_ceiling(pipeline, 30, held_out, 0, batch=8)
     assert grey["all_correct"] == 0.0 and grey["color"] == 0.0

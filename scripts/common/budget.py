@@ -3,12 +3,12 @@
 After a measurement window (default 30 steps, after `skip_steps` warm-up steps, which pay for
 lazy initialisation and first-call kernel setup) the mean step time fixes the total step count so
 that the run, including its periodic evaluation and checkpoints as far as the window saw them,
-ends within the budget. With 10 steps and a 0.92 safety factor, 2-core runs ended 8-10% early (a
-stage of 233 s took 211 s). Timing from the second step still ended the demo's tokenizer stage
-13% early (202 of 233 s): its first 10 steps ran at 0.24 s, the rest at 0.14 s, and the window
-averaged 0.172 s; skipping 10 steps measures the steady state. The
-count is decided on the main process and broadcast, so every rank stops at the same step; it is
-stored in checkpoints, so a resumed run keeps the same count and the same LR schedule.
+ends within the budget. With a 10-step window and a 0.92 safety factor, 2-core runs ended 8-10%
+early (a stage of 233 s took 211 s). Timing from the second step still ended the demo's
+tokenizer stage 13% early (202 of 233 s): its first 10 steps ran at 0.24 s, the rest at 0.14 s,
+and the window averaged 0.172 s; skipping 10 steps measures the steady state. The count is
+decided on the main process and broadcast, so every rank stops at the same step; it is stored in
+checkpoints, so a resumed run keeps the same count and the same LR schedule.
 """
 
 from __future__ import annotations
@@ -44,7 +44,12 @@ class StepBudget:
         self.seconds = None if minutes is None else 60.0 * minutes
         self.max_steps = max_steps
         self.measure_steps, self.safety, self.reserve = measure_steps, safety, reserve_seconds
-        self.skip_steps = max(1, skip_steps)
+        if skip_steps < 1:
+            raise ValueError(
+                f"skip_steps={skip_steps} must be >= 1 (the first step pays for lazy "
+                "initialisation and is never timed)"
+            )
+        self.skip_steps = skip_steps
         self.started = time.monotonic() if started is None else started
         self.total_steps: int | None = max_steps if minutes is None else None
         self._window_start: tuple[int, float] | None = None

@@ -29,6 +29,7 @@ def build_metrics(args: argparse.Namespace, out: Path, state: dict, wall: float)
     """metrics.json: the issue's figures, the targets they are compared with, stage times."""
     evaluation = json.loads((out / "evaluation.json").read_text())
     test, tokenizer = evaluation["test"], evaluation["tokenizer"]
+    reconstruction = evaluation.get("reconstruction", {})
     figures = {
         "tokenizer_psnr_db": tokenizer["psnr_db"],
         "codebook_usage": tokenizer["codebook_usage"],
@@ -45,12 +46,15 @@ def build_metrics(args: argparse.Namespace, out: Path, state: dict, wall: float)
             name: {"target": target, "value": figures[name], "met": figures[name] >= target}
             for name, target in TARGETS.items()
         },
-        # The judge on the tokenizer's reconstructions of the test renders: the best any prior
-        # could reach with this tokenizer.
+        # The judge on the tokenizer's reconstructions of the test renders: about what a prior
+        # that reproduced the encoder's codes exactly would reach. An evaluation.json made
+        # before bedf792 (a reused stage) has none.
         "reconstruction_all_correct": {
-            group: row["all_correct"] for group, row in evaluation["reconstruction"].items()
+            group: row["all_correct"] for group, row in reconstruction.items()
         },
-        "per_attribute": accuracy_table(test),
+        "per_attribute": accuracy_table(
+            {**test, **({"reconstruction": reconstruction} if reconstruction else {})}
+        ),
         "sweep": {key: evaluation["sweep"][key] for key in ("split", "num_prompts", "chosen")}
         | {"all_correct": [sweep_row(row) for row in evaluation["sweep"]["results"]]},
         "num_test_prompts": {group: row["count"] for group, row in test["with_cfg"].items()},
@@ -73,10 +77,11 @@ def print_summary(metrics: dict, out: Path) -> None:
     print(f"  {'all_correct_without_cfg':32s} {metrics['all_correct_without_cfg']:8.3f}")
     print(f"  {'guidance_scale':32s} {metrics['guidance_scale']:8g}")
     ceiling = metrics["reconstruction_all_correct"]
-    print(
-        f"  ceiling: the tokenizer's reconstructions of the test renders are all correct for "
-        f"{ceiling['seen']:.3f} seen, {ceiling['held_out']:.3f} held-out"
-    )
+    if ceiling:
+        rates = ", ".join(f"{rate:.3f} {group}" for group, rate in ceiling.items())
+        print(
+            f"  ceiling: the tokenizer's reconstructions of the test renders, all correct: {rates}"
+        )
     times = ", ".join(f"{name} {value:.0f} s" for name, value in metrics["stage_seconds"].items())
     print(f"  stage times: {times}; total {metrics['total_seconds']:.0f} s")
     print(f"wrote {out / 'metrics.json'} and {out / 'grid.png'}")
