@@ -112,12 +112,23 @@ def sweep_grid(args: argparse.Namespace) -> list[dict] | None:
     return grid if grid != [{}] else None
 
 
+def shapes_split(split: str, count: int, held_out: bool, seed: int, resolution: int = 32):
+    """`count` Shapes rows (image, caption, attributes) of `split`; held-out pairs only or none.
+    The records do not depend on `resolution`, only the renders do."""
+    fraction = 1.0 if held_out else 0.0
+    return make_shapes_dataset(
+        split, count, resolution=resolution, seed=seed, held_out_fraction=fraction
+    )
+
+
+def records_of(dataset) -> list[dict]:
+    """The rows of a Shapes dataset without their images: caption + attributes."""
+    return [dict(row) for row in dataset.remove_columns("image")]
+
+
 def shapes_prompts(split: str, count: int, held_out: bool, seed: int) -> list[dict]:
     """`count` Shapes records (caption + attributes) of `split`; held-out pairs only or none."""
-    dataset = make_shapes_dataset(
-        split, count, resolution=32, seed=seed, held_out_fraction=1.0 if held_out else 0.0
-    )
-    return [dict(row) for row in dataset.remove_columns("image")]
+    return records_of(shapes_split(split, count, held_out, seed))
 
 
 def judge_prompts(
@@ -158,50 +169,46 @@ def run_sweep(pipeline: TextToImagePipeline, args: argparse.Namespace, default: 
     }
 
 
-def reconstruction_ceiling(
-    pipeline: TextToImagePipeline, count: int, held_out: bool, seed: int, batch: int
-) -> dict:
-    """The judge on the image tokenizer's encode -> decode of `count` test-split renders (the
-    records the test prompts are drawn from): about what a prior that reproduced the encoder's
-    codes exactly would reach, the practical ceiling of the pipeline's all-correct rate."""
-    dataset = make_shapes_dataset(
-        "test",
-        count,
-        resolution=pipeline.config.resolution,
-        seed=seed,
-        held_out_fraction=1.0 if held_out else 0.0,
-    )
-    records = [dict(row) for row in dataset.remove_columns("image")]
+def reconstruction_ceiling(pipeline: TextToImagePipeline, dataset, batch: int) -> dict:
+    """The judge on the image tokenizer's encode -> decode of a Shapes `dataset` (the test rows
+    behind the test prompts): about what a prior that reproduced the encoder's codes exactly
+    would reach, the practical ceiling of the pipeline's all-correct rate."""
     renders = np.stack([np.asarray(image, np.uint8) for image in dataset["image"]])  # (N,H,W,3)
-    return judge_reconstructions(pipeline.image_tokenizer, renders, records, batch)
+    return judge_reconstructions(
+        pipeline.image_tokenizer, renders, records_of(dataset), batch, pipeline.device
+    )
 
 
-def prompt_groups(args: argparse.Namespace) -> dict[str, bool]:
-    """Test groups -> whether their prompts are held-out pairs."""
-    return {"seen": False, **({"held_out": True} if args.held_out else {})}
-
-
-def run_tests(pipeline: TextToImagePipeline, args: argparse.Namespace, setting: dict) -> dict:
-    """Test-split figures with `setting` and without CFG, for seen (and held-out) pairs."""
+def run_tests(
+    pipeline: TextToImagePipeline, args: argparse.Namespace, setting: dict
+) -> tuple[dict, dict]:
+    """Test-split figures with `setting` and without CFG, for seen (and held-out) pairs; and
+    the reconstruction ceiling of each group, from the same test rows."""
+    groups = {"seen": False, **({"held_out": True} if args.held_out else {})}
     report: dict = {"split": "test"}
+    ceiling: dict = {}
     settings = {"with_cfg": setting, "without_cfg": {**setting, "guidance_scale": 1.0}}
-    for group, held_out in prompt_groups(args).items():
-        records = shapes_prompts("test", args.num_prompts, held_out, args.seed)
+    for group, held_out in groups.items():
+        resolution = pipeline.config.resolution
+        dataset = shapes_split("test", args.num_prompts, held_out, args.seed, resolution)
+        records = records_of(dataset)
         seed = args.seed * 1000 + SEED_OFFSETS[f"test_{group}"]
         for label, value in settings.items():
             report.setdefault(label, {})[group] = judge_prompts(
                 pipeline, records, value, seed, args.batch_size
             )
-    return report
+        ceiling[group] = reconstruction_ceiling(pipeline, dataset, args.batch_size)
+    return report, ceiling
 
 
-def tokenizer_metrics(image_tokenizer, count: int, resolution: int, seed: int, batch: int) -> dict:
-    """PSNR (dB, mean over images, pixels in [0, 1]) and codebook usage on Shapes validation."""
+def tokenizer_metrics(
+    image_tokenizer, count: int, resolution: int, seed: int, batch: int, device: torch.device
+) -> dict:
+    """PSNR (dB, mean over images, pixels in [0, 1]) and codebook usage on Shapes validation;
+    batches go to `device`, the pipeline's."""
     dataset = make_shapes_dataset("validation", count, resolution=resolution, seed=seed)
     pixels = np.stack([np.asarray(image, np.float32) for image in dataset["image"]])  # (N,H,W,3)
     images = torch.from_numpy(pixels).permute(0, 3, 1, 2) / 127.5 - 1.0  # (N, 3, H, W)
-    module = isinstance(image_tokenizer, torch.nn.Module)
-    device = next(image_tokenizer.parameters()).device if module else torch.device("cpu")
     codes, errors = [], []
     with torch.inference_mode():
         for chunk in images.split(batch):
@@ -295,6 +302,7 @@ def main(args: argparse.Namespace) -> dict:
             pipeline.config.resolution,
             args.seed,
             args.batch_size,
+            pipeline.device,
         )
     config = pipeline.config
     setting = {"guidance_scale": config.guidance_scale, "temperature": config.temperature}
@@ -309,13 +317,7 @@ def main(args: argparse.Namespace) -> dict:
         if getattr(args, key) is not None:
             setting[key] = getattr(args, key) or None if key == "top_k" else getattr(args, key)
     report["sampling"] = {**vars(config), **setting}
-    report["test"] = run_tests(pipeline, args, setting)
-    report["reconstruction"] = {  # the same test records, reconstructed by the image tokenizer
-        group: reconstruction_ceiling(
-            pipeline, args.num_prompts, held_out, args.seed, args.batch_size
-        )
-        for group, held_out in prompt_groups(args).items()
-    }
+    report["test"], report["reconstruction"] = run_tests(pipeline, args, setting)
     if args.reference_dir is not None:
         report["reference"] = reference_metrics(pipeline, args)
     report["seconds"] = round(time.perf_counter() - start, 2)

@@ -219,11 +219,11 @@ def evaluate(model, batches, lpips_module: nn.Module | None = None, fid_metric=N
 
 
 def judge_reconstructions(
-    model, num_images: int, resolution: int, seed: int = 0, batch_size: int = 32
+    model, num_images: int, resolution: int, seed: int = 0, batch_size: int = 32, device="cpu"
 ) -> dict:
     """The Shapes judge on encode -> decode of `num_images` fresh single-object renders of
-    training colour-shape pairs; `model` is any image tokenizer (encode/decode in [-1, 1]).
-    Returns judge_batch's accuracies (0..1) and count."""
+    training colour-shape pairs; `model` is any image tokenizer (encode/decode in [-1, 1]) on
+    `device`. Returns judge_batch's accuracies (0..1) and count."""
     import numpy as np
 
     from pipelines.data.judge import judge_reconstructions as judge
@@ -232,7 +232,7 @@ def judge_reconstructions(
     rng = np.random.default_rng(seed)
     attributes = sample_attribute_batch(rng, num_images, "exclude")
     renders = np.stack([render(record, resolution, rng) for record in attributes])  # (N, R, R, 3)
-    return judge(model, renders, attributes, batch_size)
+    return judge(model, renders, attributes, batch_size, device)
 
 
 def image_batches(args: argparse.Namespace, resolution: int):
@@ -271,7 +271,7 @@ def main(args: argparse.Namespace) -> dict:
             metrics[name] = None
     if args.judge:
         metrics["shapes_judge"] = judge_reconstructions(
-            model, args.judge, resolution, args.seed, args.batch_size
+            model, args.judge, resolution, args.seed, args.batch_size, args.device
         )
     result = {
         **metrics,

@@ -136,21 +136,22 @@ def test_evaluate_sweep_stores_best_scale(pipeline_dir, tmp_path):
 def test_reconstruction_ceiling_judges_the_test_renders(held_out, resolution, monkeypatch):
     """A lossless tokenizer passes every test render, seen or held-out, at 32 px and resized
     from 64 px; a grey one passes none; and the records judged are the test prompts' own."""
-    pipeline = SimpleNamespace(config=SimpleNamespace(resolution=resolution))
+    pipeline = SimpleNamespace(config=SimpleNamespace(resolution=resolution), device="cpu")
     pipeline.image_tokenizer = _Lossless()
+    dataset = evaluate_pipeline.shapes_split("test", 30, held_out, 0, resolution)
     judged = []
     judge = evaluate_pipeline.judge_reconstructions
 
-    def recording_judge(tokenizer, renders, records, batch_size):
+    def recording_judge(tokenizer, renders, records, batch_size, device):
         judged.append(records)
-        return judge(tokenizer, renders, records, batch_size)
+        return judge(tokenizer, renders, records, batch_size, device)
 
     monkeypatch.setattr(evaluate_pipeline, "judge_reconstructions", recording_judge)
-    perfect = evaluate_pipeline.reconstruction_ceiling(pipeline, 30, held_out, 0, batch=8)
+    perfect = evaluate_pipeline.reconstruction_ceiling(pipeline, dataset, batch=8)
     assert perfect["count"] == 30 and perfect["all_correct"] == 1.0
     assert judged[0] == evaluate_pipeline.shapes_prompts("test", 30, held_out, 0)
     pipeline.image_tokenizer = _Grey()
-    grey = evaluate_pipeline.reconstruction_ceiling(pipeline, 30, held_out, 0, batch=8)
+    grey = evaluate_pipeline.reconstruction_ceiling(pipeline, dataset, batch=8)
     assert grey["all_correct"] == 0.0 and grey["color"] == 0.0
 
 

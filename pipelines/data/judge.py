@@ -324,26 +324,24 @@ def judge_batch(images, attributes_list) -> dict:
     return summary
 
 
-def judge_reconstructions(image_tokenizer, renders: np.ndarray, attributes_list, batch_size: int):
+def judge_reconstructions(
+    image_tokenizer, renders: np.ndarray, attributes_list, batch_size: int, device="cpu"
+) -> dict:
     """`judge_batch` on an image tokenizer's encode -> decode of `renders`, uint8 (N, H, W, 3).
 
-    `image_tokenizer` is any object with `encode` ((B, 3, H, W) in [-1, 1] -> codes) and
-    `decode`; batches go to the device of its parameters, if it has any. Reconstructions that are
-    not 32 px are resized to 32 px (bicubic) first, as generated images are judged. This is about
+    `image_tokenizer` is any object with `encode` ((B, 3, H, W) in [-1, 1] on `device` -> codes)
+    and `decode`. Reconstructions go through the pipeline's own `postprocess` and are resized to
+    32 px (bicubic) when they are larger, exactly as generated images are judged. This is about
     what a prior that reproduced the encoder's codes exactly would draw."""
     import torch  # only this function needs torch; the judge itself is numpy
 
-    parameters = getattr(image_tokenizer, "parameters", None)
-    first = next(parameters(), None) if parameters is not None else None
-    device = first.device if first is not None else torch.device("cpu")
-    decoded = []
+    from pipelines.output import postprocess
+
+    images = []
     with torch.inference_mode():
         for chunk in torch.from_numpy(renders).split(batch_size):
-            images = chunk.permute(0, 3, 1, 2).float().div(127.5).sub(1).to(device)  # (B,3,H,W)
-            recon = image_tokenizer.decode(image_tokenizer.encode(images)).float().cpu()
-            recon = ((recon.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # (B, 3, H, W)
-            decoded.append(recon.permute(0, 2, 3, 1))  # (B, H, W, 3)
-    images = [Image.fromarray(array) for array in torch.cat(decoded).numpy()]  # N x (H, W, 3)
+            pixels = chunk.permute(0, 3, 1, 2).float().div(127.5).sub(1).to(device)  # (B,3,H,W)
+            images += postprocess(image_tokenizer.decode(image_tokenizer.encode(pixels)), "pil")
     if images[0].size[0] != REFERENCE_RESOLUTION:
         side = (REFERENCE_RESOLUTION, REFERENCE_RESOLUTION)
         images = [image.resize(side, resample=Image.Resampling.BICUBIC) for image in images]
