@@ -142,8 +142,10 @@ def test_two_processes_give_the_same_rows(tokenizer_dir, tmp_path, repo_root):
     argv = shapes_argv(tokenizer_dir, tmp_path / "two", "--flip")
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
               "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
-    # Without ACCELERATE_USE_CPU, accelerate 1.15 sees no GPU and makes each rank a world of 1.
-    environment = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+    # No ACCELERATE_USE_CPU: the job itself must turn CPU mode on when CUDA is missing, or
+    # accelerate 1.15 would make each rank a world of 1 and the job would stop with its error.
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    environment.pop("ACCELERATE_USE_CPU", None)
     result = subprocess.run([*launch, str(repo_root / "scripts" / "extract_codes.py"), *argv],
                             capture_output=True, text=True, timeout=300, env=environment)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]

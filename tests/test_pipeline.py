@@ -163,7 +163,7 @@ def test_save_then_load_gives_identical_images(pipeline, tmp_path):
 def test_readme_example(pipeline, tmp_path, monkeypatch):
     pipeline.save_pretrained(tmp_path / "outputs/demo/pipeline")
     monkeypatch.chdir(tmp_path)
-    # --- README, "Python" section (five lines; ruff wraps the long one) ---
+    # --- README, "Python example" section (five lines; ruff wraps the long one) ---
     import torch
 
     from pipelines import TextToImagePipeline
