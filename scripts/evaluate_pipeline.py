@@ -13,7 +13,7 @@ Protocol (no figure is chosen on the prompts it reports):
   seeds: seen pairs, and with `--held-out` as many prompts whose colour-shape pair never
   appeared in training. They are reported at the evaluation scale and without CFG (scale 1).
 - "all_correct" means colour, shape, size, position, background right and the image clean
-  (`pipelines.data.judge`).
+  (`pipelines.data.judge`). Every figure is also split by the asked object size (`by_size`).
 - `reconstruction` judges the image tokenizer's encode -> decode of the test renders behind the
   same test prompts: about what a prior that reproduced the encoder's codes exactly would reach
   (the practical ceiling of a prior trained on those codes).
@@ -340,7 +340,10 @@ def print_summary(report: dict) -> None:
             f"  tokenizer: PSNR {tokenizer['psnr_db']:.2f} dB, usage {tokenizer['codebook_usage']:.3f}"
         )
     for group, row in report.get("reconstruction", {}).items():
-        print(f"  test {group:8s} tokenizer reconstructions: all correct {row['all_correct']:.3f}")
+        print(
+            f"  test {group:8s} tokenizer reconstructions: all correct {row['all_correct']:.3f}"
+            f"{size_split(row)}"
+        )
     for label, groups in report["test"].items():
         if label == "split":
             continue
@@ -351,8 +354,17 @@ def print_summary(report: dict) -> None:
             )
             print(
                 f"  test {group:8s} guidance {row['guidance_scale']:g}: all correct "
-                f"{row['all_correct']:.3f} ({attributes})"
+                f"{row['all_correct']:.3f} ({attributes}){size_split(row)}"
             )
+
+
+def size_split(row: dict) -> str:
+    """'; small 0.20 (shape 0.31), large 0.50 (shape 0.62)' from a judge_batch row."""
+    parts = [
+        f"{size} {split['all_correct']:.2f} (shape {split['shape']:.2f})"
+        for size, split in row.get("by_size", {}).items()
+    ]
+    return "; " + ", ".join(parts) if parts else ""
 
 
 if __name__ == "__main__":

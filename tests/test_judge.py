@@ -225,6 +225,25 @@ def test_unasked_attributes_are_not_judged_and_pil_is_accepted():
     assert summary["shape"] == 1.0 and summary["all_correct"] == 1.0 and summary["count"] == 20
 
 
+def test_by_size_splits_the_batch_by_the_asked_size():
+    """Large objects asked with a wrong shape, small ones asked right: the split must put every
+    failure under "large", and its counts must add up to the batch."""
+    images, records = _renders(60, 32, seed=4)
+    rng = np.random.default_rng(0)
+    asked = [
+        _with_other_value(record, "shape", rng) if record["size"] == "large" else record
+        for record in records
+    ]
+    summary = judge_batch(images, asked)
+    by_size = summary["by_size"]
+    assert set(by_size) == {"small", "large"}
+    assert by_size["small"]["count"] + by_size["large"]["count"] == summary["count"] == 60
+    assert by_size["small"]["all_correct"] == 1.0 and by_size["large"]["shape"] == 0.0
+    overall = sum(split["all_correct"] * split["count"] for split in by_size.values()) / 60
+    assert summary["all_correct"] == pytest.approx(overall)
+    assert judge_batch(images[:3], [{"shape": r["shape"]} for r in records[:3]])["by_size"] == {}
+
+
 def test_bad_inputs_raise_value_error():
     record = {"shape": "circle"}
     with pytest.raises(ValueError, match="uint8"):

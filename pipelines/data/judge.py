@@ -48,6 +48,7 @@ from pipelines.data.shapes import (
     SHAPE_CENTROID_OFFSET,
     SHAPES,
     SIZE_EXTENT,
+    SIZES,
     shape_coverage,
 )
 
@@ -303,8 +304,19 @@ def judge_image(image, attributes: dict) -> dict:
     return result
 
 
+def _summarize(results: list[dict]) -> dict:
+    summary = {}
+    for key in (*ATTRIBUTES, "clean", "all_correct"):
+        values = [r[key] for r in results if r[key] is not None]
+        summary[key] = float(np.mean(values)) if values else None
+    summary["count"] = len(results)
+    return summary
+
+
 def judge_batch(images, attributes_list) -> dict:
-    """Accuracy of each attribute, clean and all_correct over a batch, plus ``count``.
+    """Accuracy of each attribute, clean and all_correct over a batch, plus ``count``, and the
+    same for each asked size of the (first) object under ``by_size`` ({} if no size was asked):
+    small objects are where shape errors concentrate, so the split says where a model fails.
 
     ``images``: a sequence of PIL images / uint8 (H, W, 3) arrays, or a uint8 (N, H, W, 3) array.
     Attributes that were not asked (None) are left out of that attribute's accuracy.
@@ -316,12 +328,13 @@ def judge_batch(images, attributes_list) -> dict:
     if len(images) == 0:
         raise ValueError("images is empty; pass at least one image to judge")
     results = [judge_image(image, attrs) for image, attrs in zip(images, attributes_list)]
-    summary = {}
-    for key in (*ATTRIBUTES, "clean", "all_correct"):
-        values = [r[key] for r in results if r[key] is not None]
-        summary[key] = float(np.mean(values)) if values else None
-    summary["count"] = len(results)
-    return summary
+    sizes = [attrs.get("size") for attrs in attributes_list]
+    by_size = {
+        size: _summarize([r for r, asked in zip(results, sizes) if asked == size])
+        for size in SIZES
+        if size in sizes
+    }
+    return {**_summarize(results), "by_size": by_size}
 
 
 def judge_reconstructions(

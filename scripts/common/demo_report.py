@@ -12,10 +12,20 @@ TARGETS |= {"all_correct_with_cfg": 0.90, "held_out_all_correct_with_cfg": 0.70}
 
 
 def accuracy_table(test: dict) -> dict:
-    """Per-attribute accuracies {with_cfg|without_cfg: {seen|held_out: {attribute: rate}}}."""
+    """Per-attribute accuracies {with_cfg|without_cfg: {seen|held_out: {attribute: rate}}}, with
+    all-correct and shape per asked object size under "by_size" (absent from evaluations made
+    before the judge split by size)."""
     keys = ("color", "shape", "size", "position", "background", "clean", "all_correct", "count")
+
+    def entry(row: dict) -> dict:
+        by_size = {
+            size: {key: split[key] for key in ("all_correct", "shape", "count")}
+            for size, split in row.get("by_size", {}).items()
+        }
+        return {key: row[key] for key in keys} | ({"by_size": by_size} if by_size else {})
+
     return {
-        label: {group: {key: row[key] for key in keys} for group, row in groups.items()}
+        label: {group: entry(row) for group, row in groups.items()}
         for label, groups in test.items()
         if label != "split"
     }
@@ -82,6 +92,15 @@ def print_summary(metrics: dict, out: Path) -> None:
         print(
             f"  ceiling: the tokenizer's reconstructions of the test renders, all correct: {rates}"
         )
+    table = metrics["per_attribute"]
+    for label, rows in (("with CFG", table["with_cfg"]), ("ceiling", table.get("reconstruction"))):
+        for group, row in (rows or {}).items():
+            sizes = ", ".join(
+                f"{size} {split['all_correct']:.3f} (shape {split['shape']:.3f})"
+                for size, split in row.get("by_size", {}).items()
+            )
+            if sizes:
+                print(f"  by object size, {group} {label}: {sizes}")
     times = ", ".join(f"{name} {value:.0f} s" for name, value in metrics["stage_seconds"].items())
     print(f"  stage times: {times}; total {metrics['total_seconds']:.0f} s")
     print(f"wrote {out / 'metrics.json'} and {out / 'grid.png'}")
