@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from pipelines import TextToImagePipeline
-from pipelines.data.judge import judge_batch, judge_reconstructions
+from pipelines.data.judge import describe_by_size, judge_batch, judge_reconstructions
 from pipelines.data.shapes import make_shapes_dataset
 from pipelines.serialization import update_pipeline_config
 
@@ -342,7 +342,7 @@ def print_summary(report: dict) -> None:
     for group, row in report.get("reconstruction", {}).items():
         print(
             f"  test {group:8s} tokenizer reconstructions: all correct {row['all_correct']:.3f}"
-            f"{size_split(row)}"
+            f"{by_size_suffix(row)}"
         )
     for label, groups in report["test"].items():
         if label == "split":
@@ -354,17 +354,14 @@ def print_summary(report: dict) -> None:
             )
             print(
                 f"  test {group:8s} guidance {row['guidance_scale']:g}: all correct "
-                f"{row['all_correct']:.3f} ({attributes}){size_split(row)}"
+                f"{row['all_correct']:.3f} ({attributes}){by_size_suffix(row)}"
             )
 
 
-def size_split(row: dict) -> str:
-    """'; small 0.20 (shape 0.31), large 0.50 (shape 0.62)' from a judge_batch row."""
-    parts = [
-        f"{size} {split['all_correct']:.2f} (shape {split['shape']:.2f})"
-        for size, split in row.get("by_size", {}).items()
-    ]
-    return "; " + ", ".join(parts) if parts else ""
+def by_size_suffix(row: dict) -> str:
+    """'; small 0.20 (shape 0.31), large 0.50 (shape 0.62)', or '' without size groups."""
+    text = describe_by_size(row)
+    return f"; {text}" if text else ""
 
 
 if __name__ == "__main__":

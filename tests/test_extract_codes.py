@@ -144,7 +144,8 @@ def test_two_processes_give_the_same_rows(tokenizer_dir, tmp_path, repo_root):
               "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
     # No ACCELERATE_USE_CPU: the job itself must turn CPU mode on when CUDA is missing, or
     # accelerate 1.15 would make each rank a world of 1 and the job would stop with its error.
-    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # No visible GPU either, so the 2 ranks are CPU processes on any machine.
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     environment.pop("ACCELERATE_USE_CPU", None)
     result = subprocess.run([*launch, str(repo_root / "scripts" / "extract_codes.py"), *argv],
                             capture_output=True, text=True, timeout=300, env=environment)  # fmt: skip

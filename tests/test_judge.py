@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from pipelines.data.judge import judge_batch, judge_image
+from pipelines.data.judge import describe_by_size, judge_batch, judge_image
 from pipelines.data.shapes import (
     BACKGROUNDS,
     COLORS,
@@ -225,23 +225,31 @@ def test_unasked_attributes_are_not_judged_and_pil_is_accepted():
     assert summary["shape"] == 1.0 and summary["all_correct"] == 1.0 and summary["count"] == 20
 
 
-def test_by_size_splits_the_batch_by_the_asked_size():
-    """Large objects asked with a wrong shape, small ones asked right: the split must put every
-    failure under "large", and its counts must add up to the batch."""
+def test_by_size_groups_by_the_asked_size():
+    """Groups follow the size asked, not the size drawn: large renders asked as "small" land
+    under "small" with the size wrong; large renders asked with a wrong shape fail under "large";
+    a record that asks no size is in no group."""
     images, records = _renders(60, 32, seed=4)
     rng = np.random.default_rng(0)
-    asked = [
-        _with_other_value(record, "shape", rng) if record["size"] == "large" else record
-        for record in records
-    ]
+    large = [i for i, record in enumerate(records) if record["size"] == "large"]
+    asked = [dict(record) for record in records]
+    mislabelled, wrong_shape, no_size = large[:5], large[5:-1], large[-1]
+    for i in mislabelled:
+        asked[i]["size"] = "small"
+    for i in wrong_shape:
+        asked[i] = _with_other_value(asked[i], "shape", rng)
+    del asked[no_size]["size"]
     summary = judge_batch(images, asked)
-    by_size = summary["by_size"]
-    assert set(by_size) == {"small", "large"}
-    assert by_size["small"]["count"] + by_size["large"]["count"] == summary["count"] == 60
-    assert by_size["small"]["all_correct"] == 1.0 and by_size["large"]["shape"] == 0.0
-    overall = sum(split["all_correct"] * split["count"] for split in by_size.values()) / 60
-    assert summary["all_correct"] == pytest.approx(overall)
+    small, large_group = summary["by_size"]["small"], summary["by_size"]["large"]
+    assert small["count"] == 60 - len(large) + len(mislabelled)
+    assert large_group["count"] == len(wrong_shape) and summary["count"] == 60
+    assert small["all_correct"] == pytest.approx((small["count"] - 5) / small["count"])
+    assert small["size"] == pytest.approx((small["count"] - 5) / small["count"])
+    assert large_group["shape"] == 0.0 and large_group["all_correct"] == 0.0
     assert judge_batch(images[:3], [{"shape": r["shape"]} for r in records[:3]])["by_size"] == {}
+    assert describe_by_size({"by_size": {"small": {"all_correct": 0.5, "shape": None}}}) == (
+        "small 0.50 (shape n/a)"
+    )
 
 
 def test_bad_inputs_raise_value_error():

@@ -305,6 +305,7 @@ def judge_image(image, attributes: dict) -> dict:
 
 
 def _summarize(results: list[dict]) -> dict:
+    """Mean of each attribute (None where none was asked), clean, all_correct, and the count."""
     summary = {}
     for key in (*ATTRIBUTES, "clean", "all_correct"):
         values = [r[key] for r in results if r[key] is not None]
@@ -315,8 +316,9 @@ def _summarize(results: list[dict]) -> dict:
 
 def judge_batch(images, attributes_list) -> dict:
     """Accuracy of each attribute, clean and all_correct over a batch, plus ``count``, and the
-    same for each asked size of the (first) object under ``by_size`` ({} if no size was asked):
-    small objects are where shape errors concentrate, so the split says where a model fails.
+    same for each asked size of the first object under ``by_size`` (records that ask no size are
+    left out; {} if none asks one). Small and large objects fail for different reasons, so the
+    split says where a model fails. With two-object records a group's figures cover both objects.
 
     ``images``: a sequence of PIL images / uint8 (H, W, 3) arrays, or a uint8 (N, H, W, 3) array.
     Attributes that were not asked (None) are left out of that attribute's accuracy.
@@ -335,6 +337,19 @@ def judge_batch(images, attributes_list) -> dict:
         if size in sizes
     }
     return {**_summarize(results), "by_size": by_size}
+
+
+def describe_by_size(summary: dict) -> str:
+    """'small 0.26 (shape 0.30), large 0.28 (shape 0.39)' from a `judge_batch` summary; '' when
+    it has no size groups, 'n/a' for a figure no record asked for."""
+
+    def rate(value) -> str:
+        return "n/a" if value is None else f"{value:.2f}"
+
+    return ", ".join(
+        f"{size} {rate(group['all_correct'])} (shape {rate(group['shape'])})"
+        for size, group in summary.get("by_size", {}).items()
+    )
 
 
 def judge_reconstructions(

@@ -7,6 +7,8 @@ import argparse
 import json
 from pathlib import Path
 
+from pipelines.data.judge import describe_by_size
+
 TARGETS = {"tokenizer_psnr_db": 30.0, "codebook_usage": 0.90}  # issue 5: what the demo should reach
 TARGETS |= {"all_correct_with_cfg": 0.90, "held_out_all_correct_with_cfg": 0.70}
 
@@ -19,8 +21,8 @@ def accuracy_table(test: dict) -> dict:
 
     def entry(row: dict) -> dict:
         by_size = {
-            size: {key: split[key] for key in ("all_correct", "shape", "count")}
-            for size, split in row.get("by_size", {}).items()
+            size: {key: group[key] for key in ("all_correct", "shape", "count")}
+            for size, group in row.get("by_size", {}).items()
         }
         return {key: row[key] for key in keys} | ({"by_size": by_size} if by_size else {})
 
@@ -95,10 +97,7 @@ def print_summary(metrics: dict, out: Path) -> None:
     table = metrics["per_attribute"]
     for label, rows in (("with CFG", table["with_cfg"]), ("ceiling", table.get("reconstruction"))):
         for group, row in (rows or {}).items():
-            sizes = ", ".join(
-                f"{size} {split['all_correct']:.3f} (shape {split['shape']:.3f})"
-                for size, split in row.get("by_size", {}).items()
-            )
+            sizes = describe_by_size(row)
             if sizes:
                 print(f"  by object size, {group} {label}: {sizes}")
     times = ", ".join(f"{name} {value:.0f} s" for name, value in metrics["stage_seconds"].items())
