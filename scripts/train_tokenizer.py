@@ -113,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--num-val-samples", type=int, default=256, help="validation images")
     add("--flip", action="store_true", help="random horizontal flips of training images")
     add("--reconstruction", default="l1", help="'l1' (taming) or 'l2'")
+    add("--edge-weight", type=float, default=0.0, help="extra weight on the reconstruction "
+        "error near edges, e.g. 1 (0: off); sharper small objects (README)")
     add("--perceptual-weight", type=float, default=1.0, help="LPIPS weight; 0 disables. When "
         "the VGG16 weights are not on disk it is turned off with one log line")
     add("--perceptual-random-backbone", action="store_true", help="LPIPS with a random VGG "
@@ -156,6 +158,7 @@ def validate_args(args: argparse.Namespace) -> None:
     checks.require_positive(args, "codebook_size", "codebook_dim", "adam_epsilon")
     checks.require_positive(args, "disc_layers", "disc_channels", "disc_learning_rate")
     checks.require_non_negative(args, "perceptual_weight", "disc_weight", "lecam_weight")
+    checks.require_non_negative(args, "edge_weight")
     checks.require_non_negative(args, "disc_start", "disc_warmup_steps", "weight_decay")
     if args.disc_weight > 0 and args.resolution < 3 * 2**args.disc_layers:
         most = max(1, (args.resolution // 3).bit_length() - 1)

@@ -15,6 +15,7 @@ from tokenizer.losses import (
     adaptive_weight,
     build_perceptual_loss,
     discriminator_gan_loss,
+    edge_weights,
     generator_gan_loss,
     reconstruction_loss,
     vgg16_weights_path,
@@ -85,6 +86,32 @@ def test_reconstruction_losses():
     assert reconstruction_loss(x, y, "l2").item() == 0.25
     with pytest.raises(ValueError, match="'l3'"):
         reconstruction_loss(x, y, "l3")
+
+
+@pytest.mark.parametrize("kind", ["l1", "l2"])
+def test_edge_weighted_reconstruction(kind):
+    """Weights have mean 1 and are flat on a flat image (so the loss is the plain one there);
+    on an image with an edge, the same error costs more at the edge than far from it."""
+    flat = torch.zeros(2, 3, 8, 8)
+    weights = edge_weights(flat, 1.0)
+    torch.testing.assert_close(weights, torch.ones(2, 1, 8, 8))
+    noisy = flat + 0.1 * torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    plain = reconstruction_loss(flat, noisy, kind)
+    torch.testing.assert_close(reconstruction_loss(flat, noisy, kind, edge_weight=1.0), plain)
+    image = torch.zeros(1, 3, 8, 8)
+    image[..., :, 4:] = 1.0  # a vertical edge between columns 3 and 4
+    weights = edge_weights(image, 1.0)
+    assert weights.mean().item() == pytest.approx(1.0)
+    assert weights[0, 0, :, 3:5].min() > 1 > weights[0, 0, :, 0].max()
+    at_edge, far = image.clone(), image.clone()
+    at_edge[..., 2, 4] += 0.5
+    far[..., 2, 0] += 0.5
+    assert reconstruction_loss(image, at_edge, kind, 1.0) > reconstruction_loss(
+        image, far, kind, 1.0
+    )
+    assert reconstruction_loss(image, at_edge, kind) == reconstruction_loss(image, far, kind)
+    with pytest.raises(ValueError, match="edge_weight=-1"):
+        reconstruction_loss(image, far, kind, -1.0)
 
 
 def test_patchgan_layout_and_size():

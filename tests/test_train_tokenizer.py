@@ -33,7 +33,7 @@ def metric_rows(out) -> list[dict]:
 def test_two_steps_then_resume(tmp_path):
     out = tmp_path / "run"
     gan = "--disc-weight 0.5 --disc-start 1 --disc-warmup-steps 0 --lecam-weight 0.01"
-    flags = cli(gan, "--ema-decay 0.9 --checkpoint-every 2")
+    flags = cli(gan, "--ema-decay 0.9 --checkpoint-every 2 --edge-weight 1")
     train(out, "--max-steps 2 --report-to tensorboard --eval-every 2", flags)
     assert (out / "checkpoints" / "step-00000002" / "manifest.json").is_file()
     assert list((out / "tensorboard").rglob("events.out.tfevents.*"))
@@ -71,6 +71,7 @@ def test_two_steps_then_resume(tmp_path):
         ("--quantizer rq", r"--quantizer='rq'.*'fsq'"),
         ("--ema-decay 1.0", r"--ema-decay=1.0 is invalid; allowed: a number in \[0, 1\)"),
         ("--disc-layers 3", "--disc-layers=3 is invalid for --resolution 16; allowed: at most 2"),
+        ("--edge-weight -1", "--edge-weight=-1.0 is invalid"),
     ],
 )
 def test_bad_arguments_name_flag_value_and_allowed(tmp_path, extra, message):

@@ -26,13 +26,37 @@ PERCEPTUAL_KINDS = ("lpips",)
 GAN_LOSSES = ("hinge", "non-saturating")
 
 
-def reconstruction_loss(images: torch.Tensor, reconstruction: torch.Tensor, kind: str = "l1"):
-    """Mean absolute ("l1", taming) or squared ("l2", LlamaGen) error; returns a scalar."""
-    if kind == "l1":
-        return (images - reconstruction).abs().mean()
-    if kind == "l2":
+def edge_weights(images: torch.Tensor, strength: float) -> torch.Tensor:
+    """Per-pixel loss weights (B, 1, H, W) with mean 1 over the batch: proportional to
+    1 + strength * e / mean(e), where e is the 3x3 maximum of the channel-summed absolute
+    horizontal and vertical differences of `images` (B, C, H, W), so both sides of an edge count.
+
+    Up-weighting the error near edges is the idea of edge-based losses for super-resolution
+    (Seif & Androutsos 2018). On 32-pixel Shapes, where a small object is a few dozen of 1024
+    pixels, strength 1 kept the shape of 76% of small objects' reconstructions against 57% at
+    equal steps (README, "Tokenizer benchmark")."""
+    dx = F.pad((images[..., :, 1:] - images[..., :, :-1]).abs(), (0, 1))  # (B, C, H, W)
+    dy = F.pad((images[..., 1:, :] - images[..., :-1, :]).abs(), (0, 0, 0, 1))  # (B, C, H, W)
+    edges = F.max_pool2d((dx + dy).sum(1, keepdim=True), 3, stride=1, padding=1)  # (B, 1, H, W)
+    weights = 1 + strength * edges / edges.mean().clamp(min=1e-6)
+    return weights / weights.mean()
+
+
+def reconstruction_loss(
+    images: torch.Tensor, reconstruction: torch.Tensor, kind: str = "l1", edge_weight: float = 0.0
+):
+    """Mean absolute ("l1", taming) or squared ("l2", LlamaGen) error; returns a scalar. With
+    `edge_weight` > 0 each pixel's error is weighted by `edge_weights(images, edge_weight)`."""
+    if kind not in ("l1", "l2"):
+        raise ValueError(f"reconstruction kind={kind!r} is invalid; allowed: ('l1', 'l2')")
+    if edge_weight < 0:
+        raise ValueError(f"edge_weight={edge_weight} is invalid; use 0 (off) or more")
+    if edge_weight == 0:
+        if kind == "l1":
+            return (images - reconstruction).abs().mean()
         return F.mse_loss(reconstruction, images)
-    raise ValueError(f"reconstruction kind={kind!r} is invalid; allowed: ('l1', 'l2')")
+    error = (images - reconstruction).abs() if kind == "l1" else (images - reconstruction) ** 2
+    return (error * edge_weights(images, edge_weight)).mean()
 
 
 def vgg16_weights_path() -> Path:
@@ -233,6 +257,7 @@ class VQGANLossConfig:
 
     reconstruction: str = "l1"
     reconstruction_weight: float = 1.0
+    edge_weight: float = 0.0
     perceptual_weight: float = 1.0
     codebook_weight: float = 1.0
     disc_weight: float = 0.8
@@ -255,6 +280,7 @@ class VQGANLossConfig:
                 )
         for name in (
             "reconstruction_weight",
+            "edge_weight",
             "perceptual_weight",
             "codebook_weight",
             "disc_weight",
@@ -319,7 +345,7 @@ class VQGANLoss(nn.Module):
         (scalar loss, detached logs). `last_layer` (VQGAN.get_last_layer()) enables the adaptive
         weight; under torch.no_grad (validation) the adversarial term is logged with weight 0."""
         config = self.config
-        rec = reconstruction_loss(images, reconstruction, config.reconstruction)
+        rec = reconstruction_loss(images, reconstruction, config.reconstruction, config.edge_weight)
         nll = config.reconstruction_weight * rec
         logs = {"reconstruction_loss": rec.detach()}
         if self.perceptual is not None:

@@ -36,6 +36,7 @@ class VQGANObjective:
     `perceptual` an LPIPS module or None; `lecam` a LeCamEMA or None."""
 
     reconstruction: str
+    edge_weight: float
     perceptual_weight: float
     disc_weight: float
     disc_loss: str
@@ -60,7 +61,7 @@ class VQGANObjective:
         with self.autocast():
             out = model(images)
         reconstruction = out.reconstruction.float()
-        nll = reconstruction_loss(images, reconstruction, self.reconstruction)
+        nll = reconstruction_loss(images, reconstruction, self.reconstruction, self.edge_weight)
         terms = {"rec_loss": nll.detach(), "quantizer_loss": out.quantizer_loss.detach()}
         if self.perceptual is not None:
             perceptual = self.perceptual(images, reconstruction).mean()
@@ -140,6 +141,7 @@ def build_objective(
     lecam = LeCamEMA() if disc is not None and args.lecam_weight > 0 else None
     return VQGANObjective(
         args.reconstruction,
+        args.edge_weight,
         args.perceptual_weight,
         args.disc_weight,
         args.disc_loss,
