@@ -105,9 +105,6 @@ def train_settings(args: argparse.Namespace) -> dict:
     # after 90 s): PSNR is an L2 measure, and the small objects are a few percent of the pixels.
     tokenizer = ["--preset", "cpu-tiny", "--batch-size", tokenizer_batch, "--learning-rate", "2e-3"]
     tokenizer += ["--reconstruction", "l2", "--disc-weight", "0", "--perceptual-weight", "0"]
-    # Edge-weighted L2: at equal steps small objects kept their shape in 76% of reconstructions
-    # against 57%, and a prior on those codes drew 26.5% of seen prompts against 18.0% (README).
-    tokenizer += ["--edge-weight", "1"]
     tokenizer += ["--warmup-steps", "50", "--checkpoint-every", "250"]
     # History (256 codes, batch 32): after 1.5 min the validation loss was 1.83 nats at lr 3e-3,
     # 1.93 at 6e-3 and 2.70 at 1.2e-2; batch 64 at 6e-3 gave 2.38 (half the steps).
