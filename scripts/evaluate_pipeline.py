@@ -36,7 +36,12 @@ import numpy as np
 import torch
 
 from pipelines import TextToImagePipeline
-from pipelines.data.judge import describe_by_size, judge_batch, judge_reconstructions
+from pipelines.data.judge import (
+    at_judge_resolution,
+    describe_by_size,
+    judge_batch,
+    judge_reconstructions,
+)
 from pipelines.data.shapes import make_shapes_dataset
 from pipelines.serialization import update_pipeline_config
 
@@ -143,10 +148,7 @@ def judge_prompts(
         show_progress=False,
         **setting,
     )
-    images = output.images
-    if images[0].size[0] != 32:  # the judge's thresholds are absolute; Shapes is judged at 32 px
-        images = [image.resize((32, 32), resample=3) for image in images]
-    return {**setting, **judge_batch(images, records)}
+    return {**setting, **judge_batch(at_judge_resolution(output.images), records)}
 
 
 def run_sweep(pipeline: TextToImagePipeline, args: argparse.Namespace, default: dict) -> dict:
@@ -188,8 +190,8 @@ def run_tests(
     report: dict = {"split": "test"}
     ceiling: dict = {}
     settings = {"with_cfg": setting, "without_cfg": {**setting, "guidance_scale": 1.0}}
+    resolution = pipeline.config.resolution
     for group, held_out in groups.items():
-        resolution = pipeline.config.resolution
         dataset = shapes_split("test", args.num_prompts, held_out, args.seed, resolution)
         records = records_of(dataset)
         seed = args.seed * 1000 + SEED_OFFSETS[f"test_{group}"]

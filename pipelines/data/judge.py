@@ -370,7 +370,13 @@ def judge_reconstructions(
         for chunk in torch.from_numpy(renders).split(batch_size):
             pixels = chunk.permute(0, 3, 1, 2).float().div(127.5).sub(1).to(device)  # (B,3,H,W)
             images += postprocess(image_tokenizer.decode(image_tokenizer.encode(pixels)), "pil")
-    if images[0].size[0] != REFERENCE_RESOLUTION:
+    return judge_batch(at_judge_resolution(images), attributes_list)
+
+
+def at_judge_resolution(images: list) -> list:
+    """PIL images resized (bicubic) to the 32-pixel reference canvas when they are larger: the
+    judge's thresholds are absolute, so Shapes at 64 or 128 px is judged at 32 px."""
+    if images and images[0].size[0] != REFERENCE_RESOLUTION:
         side = (REFERENCE_RESOLUTION, REFERENCE_RESOLUTION)
-        images = [image.resize(side, resample=Image.Resampling.BICUBIC) for image in images]
-    return judge_batch(images, attributes_list)
+        return [image.resize(side, resample=Image.Resampling.BICUBIC) for image in images]
+    return images
