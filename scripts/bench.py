@@ -163,15 +163,29 @@ def main(args: argparse.Namespace) -> int:
     if args.which == "gpu":
         from benchmarks.gpu import run_gpu
 
-        result = {**metadata(args, settings), **run_gpu(settings, not args.no_compile)}
-        print(json.dumps(result, indent=2))
+        def write_partial(partial: dict) -> None:
+            print(json.dumps(partial, indent=2), flush=True)
+            if args.json is not None:
+                write_json(args.json, {**metadata(args, settings), **partial})
+
+        result = {
+            **metadata(args, settings),
+            **run_gpu(settings, not args.no_compile, write_partial),
+        }
         status = 0
     else:
         result, status = run_cpu(args, settings)
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        write_json(args.json, result)
     return status
+
+
+def write_json(path: Path, result: dict) -> None:
+    """Write atomically: a run killed mid-write leaves the previous complete file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    tmp.replace(path)
 
 
 if __name__ == "__main__":

@@ -141,31 +141,42 @@ def bench_tokenizer(settings: Settings, batch: int) -> dict:
             "encode_images_per_s": batch / encode_s, "decode_images_per_s": batch / decode_s}  # fmt: skip
 
 
-def run_gpu(settings: Settings, compile_model: bool = True) -> dict:
-    """Every GPU measurement; returns a JSON-able dict (see the module docstring)."""
+def run_gpu(settings: Settings, compile_model: bool = True, on_section=None) -> dict:
+    """Every GPU measurement; returns a JSON-able dict (see the module docstring).
+
+    `on_section(result)` is called after each measurement with what is known so far, so that a
+    run cut short by the accelerator's time limit still leaves its finished figures behind."""
     device = torch.device(settings.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(
             "--device cuda but torch.cuda.is_available() is False; use --smoke --device cpu"
         )
     torch.backends.cuda.matmul.allow_tf32 = True
+    report = on_section or (lambda result: None)
     size = 512 if settings.smoke else 8192
-    measured = matmul_peak_flops(size, torch.bfloat16, settings, device)
-    spec = spec_peak(device)
-    train = bench_train(settings, 2 if settings.smoke else 64, settings.runs + 5, compile_model)
-    sampling = bench_sampling(settings, (1, 2) if settings.smoke else (1, 64), compile_model)
-    tokenizer = bench_tokenizer(settings, 2 if settings.smoke else 32)
-    train["mfu_vs_measured_peak"] = train["achieved_flops"] / measured
-    train["mfu_vs_spec_peak"] = None if spec is None else train["achieved_flops"] / spec
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (smoke)"
-    return {
+    result = {
         "device": name,
         "torch": torch.__version__,
         "model": "prior preset 'B' (LlamaGen GPT-B scale)" if not settings.smoke else "cpu-tiny",
-        "bf16_matmul_peak_measured_flops": measured,
+        "bf16_matmul_peak_measured_flops": matmul_peak_flops(
+            size, torch.bfloat16, settings, device
+        ),
         "bf16_matmul_size": size,
-        "bf16_peak_spec_flops": spec,
-        "train": train,
-        "sampling": sampling,
-        "tokenizer": tokenizer,
+        "bf16_peak_spec_flops": spec_peak(device),
     }
+    report(result)
+    train = bench_train(settings, 2 if settings.smoke else 64, settings.runs + 5, compile_model)
+    spec = result["bf16_peak_spec_flops"]
+    train["mfu_vs_measured_peak"] = (
+        train["achieved_flops"] / result["bf16_matmul_peak_measured_flops"]
+    )
+    train["mfu_vs_spec_peak"] = None if spec is None else train["achieved_flops"] / spec
+    result["train"] = train
+    report(result)
+    batches = (1, 2) if settings.smoke else (1, 64)
+    result["sampling"] = bench_sampling(settings, batches, compile_model)
+    report(result)
+    result["tokenizer"] = bench_tokenizer(settings, 2 if settings.smoke else 32)
+    report(result)
+    return result
