@@ -8,7 +8,7 @@ Every ratio is measured in one run against a reference on the same machine: both
 `torch.inference_mode()` (training excepted), the same `torch.set_num_threads`, a warm-up, and
 the median of `--runs` (>= 5) runs interleaved ABBA. Targets are reported, never enforced; the
 exit status is 1 only when an equivalence check fails (an optimised path disagreeing with
-its reference), 0 otherwise.
+its reference) or a `gpu` section raises, 0 otherwise.
 
 Subcommands:
   tokenizer  our VQGAN vs the taming-transformers modules with identical weights, f16 at 256 px,
@@ -76,6 +76,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--device", default=None, help="device for `gpu` (default: cuda; cpu with --smoke); "
         "the CPU benchmarks always run on cpu")  # fmt: skip
     add("--no-compile", action="store_true", help="`gpu`: skip torch.compile (eager bf16)")
+    add("--gpu-sections", default="train,sampling,tokenizer", help="`gpu`: comma-separated "
+        "measurements after the matmul peak, in order (default: train,sampling,tokenizer)")  # fmt: skip
     add("--levers", action="store_true", help="`tokenizer`: also time prototypes of speed "
         "levers (channels_last, in-place swish/add) against our unchanged model")  # fmt: skip
     add("--compile-levers", action="store_true", help="with --levers: also torch.compile "
@@ -84,6 +86,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("threads", "runs", "nocache_grid", "extract_images"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    sections = args.gpu_sections.split(",")
+    if not set(sections) <= {"train", "sampling", "tokenizer"}:
+        parser.error(f"--gpu-sections={args.gpu_sections!r}: use names of train,sampling,tokenizer")
+    args.gpu_sections = tuple(sections)
     if args.warmup < 0:
         parser.error(f"--warmup must be >= 0, got {args.warmup}")
     return args
@@ -156,7 +162,8 @@ def run_cpu(args: argparse.Namespace, settings: Settings) -> tuple[dict, int]:
 
 
 def main(args: argparse.Namespace) -> int:
-    """Run the benchmarks; returns the exit status (1 only on an equivalence failure)."""
+    """Run the benchmarks; returns the exit status (1 on an equivalence failure or a failed
+    `gpu` section)."""
     settings = settings_from(args)
     set_threads(settings.threads)
     torch.manual_seed(settings.seed)
@@ -170,9 +177,10 @@ def main(args: argparse.Namespace) -> int:
 
         result = {
             **metadata(args, settings),
-            **run_gpu(settings, not args.no_compile, write_partial),
+            **run_gpu(settings, not args.no_compile, write_partial, args.gpu_sections),
         }
-        status = 0
+        failed = [name for name in args.gpu_sections if "error" in result.get(name, {})]
+        status = 1 if failed else 0
     else:
         result, status = run_cpu(args, settings)
     if args.json is not None:

@@ -229,7 +229,9 @@ class Emu3Adapter(ExternalTokenizerAdapter):
         )
 
     def _encode_model(self, pixels: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        sizes = torch.tensor([list(pixels.shape[-2:])] * pixels.shape[0])  # (B, 2)
+        sizes = torch.tensor(
+            [list(pixels.shape[-2:])] * pixels.shape[0], device=pixels.device
+        )  # (B, 2)
         grids = self.model.encode(pixels, image_sizes=sizes).image_tokens  # B tensors (h, w)
         codes = torch.stack(list(grids))  # (B, h, w)
         if codes.shape[1:] != (height, width):

@@ -14,6 +14,7 @@ diffusers. `--smoke` shrinks every model so the same code runs on CPU in seconds
 
 from __future__ import annotations
 
+import sys
 import time
 
 import torch
@@ -104,8 +105,14 @@ def bench_sampling(settings: Settings, batches: tuple[int, ...], compile_step: b
                 return generate(model, text, null_text_ids=null, guidance_scale=4.0,
                                 generator=generator, compile_decode_step=compile_step)  # fmt: skip
 
+        start = time.perf_counter()
+        run()  # the first call pays for compilation (compile_decode_step)
+        if settings.device != "cpu":
+            torch.cuda.synchronize()
+        first_call_s = time.perf_counter() - start
         seconds, raw = time_one(run, settings)
         result[f"batch_{batch}"] = {
+            "first_call_s": first_call_s,
             "latency_s": seconds,
             "image_tokens_per_s": batch * config.num_image_tokens / seconds,
             "images_per_s": batch / seconds,
@@ -141,11 +148,18 @@ def bench_tokenizer(settings: Settings, batch: int) -> dict:
             "encode_images_per_s": batch / encode_s, "decode_images_per_s": batch / decode_s}  # fmt: skip
 
 
-def run_gpu(settings: Settings, compile_model: bool = True, on_section=None) -> dict:
-    """Every GPU measurement; returns a JSON-able dict (see the module docstring).
+def run_gpu(
+    settings: Settings,
+    compile_model: bool = True,
+    on_section=None,
+    sections: tuple[str, ...] = ("train", "sampling", "tokenizer"),
+) -> dict:
+    """The matmul peak, then each measurement of `sections` in order; a JSON-able dict.
 
     `on_section(result)` is called after each measurement with what is known so far, so that a
-    run cut short by the accelerator's time limit still leaves its finished figures behind."""
+    run cut short by the accelerator's time limit still leaves its finished figures behind. A
+    section that raises is recorded as {"error": ...} and the next one still runs: an
+    accelerator lease is too short to lose every figure to one failure."""
     device = torch.device(settings.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(
@@ -154,29 +168,32 @@ def run_gpu(settings: Settings, compile_model: bool = True, on_section=None) -> 
     torch.backends.cuda.matmul.allow_tf32 = True
     report = on_section or (lambda result: None)
     size = 512 if settings.smoke else 8192
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (smoke)"
+    peak = matmul_peak_flops(size, torch.bfloat16, settings, device)
+    spec = spec_peak(device)
     result = {
-        "device": name,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (smoke)",
         "torch": torch.__version__,
         "model": "prior preset 'B' (LlamaGen GPT-B scale)" if not settings.smoke else "cpu-tiny",
-        "bf16_matmul_peak_measured_flops": matmul_peak_flops(
-            size, torch.bfloat16, settings, device
-        ),
+        "bf16_matmul_peak_measured_flops": peak,
         "bf16_matmul_size": size,
-        "bf16_peak_spec_flops": spec_peak(device),
+        "bf16_peak_spec_flops": spec,
     }
     report(result)
-    train = bench_train(settings, 2 if settings.smoke else 64, settings.runs + 5, compile_model)
-    spec = result["bf16_peak_spec_flops"]
-    train["mfu_vs_measured_peak"] = (
-        train["achieved_flops"] / result["bf16_matmul_peak_measured_flops"]
-    )
-    train["mfu_vs_spec_peak"] = None if spec is None else train["achieved_flops"] / spec
-    result["train"] = train
-    report(result)
-    batches = (1, 2) if settings.smoke else (1, 64)
-    result["sampling"] = bench_sampling(settings, batches, compile_model)
-    report(result)
-    result["tokenizer"] = bench_tokenizer(settings, 2 if settings.smoke else 32)
-    report(result)
+    for name in sections:
+        try:
+            if name == "train":
+                batch = 2 if settings.smoke else 64
+                train = bench_train(settings, batch, settings.runs + 5, compile_model)
+                train["mfu_vs_measured_peak"] = train["achieved_flops"] / peak
+                train["mfu_vs_spec_peak"] = None if spec is None else train["achieved_flops"] / spec
+                result["train"] = train
+            elif name == "sampling":
+                batches = (1, 2) if settings.smoke else (1, 64)
+                result["sampling"] = bench_sampling(settings, batches, compile_model)
+            else:
+                result["tokenizer"] = bench_tokenizer(settings, 2 if settings.smoke else 32)
+        except Exception as error:  # recorded in the JSON and on stderr, never hidden
+            print(f"bench gpu: section {name} failed: {error!r}", file=sys.stderr, flush=True)
+            result[name] = {"error": repr(error)}
+        report(result)
     return result

@@ -34,7 +34,7 @@ def reconstruction_metrics(
             reconstruction = vqgan(images).reconstruction.float().clamp(-1, 1)
         mse = ((reconstruction - images) / 2).pow(2).flatten(1).mean(1)  # (B,) in [0, 1]
         psnr = -10 * torch.log10(mse.clamp_min(1e-10))  # (B,)
-        totals += torch.stack([psnr.sum(), torch.tensor(float(len(chunk)))])
+        totals += torch.stack([psnr.sum(), psnr.new_tensor(float(len(chunk)))])
     totals = accelerator.reduce(totals, reduction="sum")
     usage = vqgan.codebook_usage(all_reduce=True)
     vqgan.reset_codebook_usage()
@@ -63,6 +63,6 @@ def image_token_loss(
         with accelerator.autocast():
             loss = prior(batch_text, batch_codes).image_loss.float()  # mean over the chunk
         tokens = float(batch_codes[0].numel() * len(chunk))
-        totals += torch.stack([loss * tokens, torch.tensor(tokens)])
+        totals += torch.stack([loss * tokens, loss.new_tensor(tokens)])
     totals = accelerator.reduce(totals, reduction="sum")
     return (totals[0] / totals[1]).item()
