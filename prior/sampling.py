@@ -256,7 +256,10 @@ def _cached_loop(prior, rows, codes, start, sampler, progress, compile_decode_st
         num_layers=cfg.num_layers,
         batch_size=rows.shape[0],
         num_heads=cfg.num_heads,
-        max_length=cfg.sequence_length,
+        # One spare slot: the last step would otherwise attend to the whole buffer, a contiguous
+        # view where every earlier step's is strided, and torch.compile would compile the step a
+        # second time for it (seen with TORCH_LOGS=recompiles).
+        max_length=cfg.sequence_length + 1,
         head_dim=cfg.head_dim,
         device=weight.device,
         dtype=dtype,

@@ -164,6 +164,22 @@ def test_compiled_decode_step_traces_and_matches_eager(model):
     assert torch.equal(compiled, eager)
 
 
+def test_compiled_decode_step_compiles_one_graph(model):
+    """Every step, the last included, reuses one graph: a recompile at the last position cost a
+    second compilation (28 s instead of 7.5 s for a first call on CPU). "aot_eager" traces
+    through AOTAutograd like inductor does (where the contiguity guard arose) without codegen."""
+    from torch._dynamo.utils import counters
+
+    text, _ = random_batch(model.config, batch=2)
+    null = torch.tensor([1, 2, 0, 0, 0, 0])
+    torch._dynamo.reset()
+    counters.clear()
+    generate(model, text, null_text_ids=null, guidance_scale=2.0,
+             generator=seeded(5), compile_decode_step="aot_eager")  # fmt: skip
+    assert counters["stats"]["unique_graphs"] == 1
+    torch._dynamo.reset()
+
+
 def test_generate_with_bfloat16_weights():
     model = make_prior().to(torch.bfloat16)
     text, _ = random_batch(model.config, batch=2)
