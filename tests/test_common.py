@@ -27,6 +27,7 @@ from common.checkpoint import (
 from common.ema import EMA
 from common.guards import NonFiniteGuard, NonFiniteLossError, StateSnapshot, locally_nonfinite
 from common.images import codes_to_images, tensor_grid
+from common.loop import Context, finish_step
 from common.optim import param_groups
 from common.run_folder import RunFolder
 from common.sampler import StepSampler
@@ -321,3 +322,32 @@ def test_grids_tile_images_and_colour_codes():
     coloured = codes_to_images(torch.tensor([[[0, 1], [1, 0]]]), codebook_size=2, scale=2)
     assert coloured.shape == (1, 3, 4, 4)
     assert torch.equal(coloured[0, :, 0, 0], coloured[0, :, 2, 2])  # same code, same colour
+
+
+@pytest.mark.parametrize("max_grad_norm", [0.0, 100.0])
+def test_finish_step_unscales_each_optimizer_once_under_fp16(max_grad_norm):
+    """Two (model, optimizer) pairs under one fp16 GradScaler, as in the GAN phase: each model
+    must move by its true gradient. accelerate builds no scaler on CPU, so one is installed by
+    hand before prepare() (a GPU's fp16 setup). Before the fix the second model moved by 5/2048
+    with clipping (its gradients divided by the scale twice) and by 2.5 without (divided by the
+    scale the first pair's update had grown; growth_interval=1 makes it grow every step)."""
+    reset_process_state()
+    accelerator = Accelerator(cpu=True, mixed_precision="fp16")
+    accelerator.native_amp = True
+    accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=1)
+    pairs = []
+    for _ in range(2):
+        model = nn.Linear(1, 1, bias=False)
+        nn.init.zeros_(model.weight)
+        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+        pairs.append(accelerator.prepare(model, optimizer))
+    # d(loss)/dw = 3 for the first model and 5 for the second.
+    loss = pairs[0][0](torch.full((1, 1), 3.0)).sum() + pairs[1][0](torch.full((1, 1), 5.0)).sum()
+    accelerator.backward(loss)
+    args = argparse.Namespace(max_grad_norm=max_grad_norm)
+    ctx = Context(args, accelerator, None, None, NonFiniteGuard(3), None)
+    metrics = finish_step(ctx, pairs, [loss.detach()], {"loss": loss.detach()}, step=0)
+    assert metrics["skipped"] == 0.0
+    assert pairs[0][0].weight.item() == pytest.approx(-3.0)
+    assert pairs[1][0].weight.item() == pytest.approx(-5.0)
+    reset_process_state()

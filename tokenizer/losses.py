@@ -390,7 +390,7 @@ class VQGANLoss(nn.Module):
             loss = loss + self.config.lecam_weight * regularizer
             logs["lecam_loss"] = regularizer.detach()
         factor = 1.0 if self.discriminator_active(step) else 0.0
-        logs["disc_factor"] = torch.tensor(factor)
+        logs["disc_factor"] = loss.new_tensor(factor)  # on the loss's device, like every log
         loss = factor * loss
         logs["discriminator_loss"] = loss.detach()
         return loss, logs

@@ -250,6 +250,27 @@ def train_loop(
     bar.close()
 
 
+def step_pairs(accelerator: Accelerator, pairs: list, max_grad_norm: float) -> None:
+    """Clip (if max_grad_norm > 0) and step each (model, optimizer) pair.
+
+    Under fp16 all pairs share one GradScaler, and each AcceleratedOptimizer.step ends with
+    scaler.update(), which may change the scale and forgets which optimizers were unscaled. So
+    each optimizer is unscaled alone (accelerator.clip_grad_norm_ would unscale all of them, and
+    the second pair's gradients again after the first update), and every pair but the last
+    steps through scaler.step, leaving the one update to the last: PyTorch's AMP recipe for
+    several optimizers (one scaler.step each, then one scaler.update()).
+    """
+    scaler = accelerator.scaler  # None unless fp16 on an accelerator
+    for index, (model, optimizer) in enumerate(pairs):
+        if max_grad_norm > 0:
+            accelerator.unscale_gradients(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+        if scaler is not None and index < len(pairs) - 1:
+            scaler.step(optimizer.optimizer)
+        else:
+            optimizer.step()
+
+
 def finish_step(
     ctx: Context,
     pairs: list[tuple[torch.nn.Module, torch.optim.Optimizer]],
@@ -274,10 +295,7 @@ def finish_step(
         if on_skip is not None:
             on_skip()
     else:
-        for model, optimizer in pairs:
-            if args.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-            optimizer.step()
+        step_pairs(accelerator, pairs, args.max_grad_norm)
         if ctx.ema is not None:
             ctx.ema.update(ctx.ema_model)
         if on_success is not None:
