@@ -128,3 +128,24 @@ def test_gpu_subcommand_smoke_with_torch_only(repo_root, tmp_path):
     done, result = _run_gpu_smoke(repo_root, tmp_path, [*_NOT_ON_DEVICE, *_PURE_PYTHON_EXTRAS])
     assert done.returncode == 0, done.stderr[-3000:]
     assert result["train"]["tokens_per_s"] > 0
+
+
+def test_gpu_sections_run_in_order_and_a_failing_one_is_recorded(monkeypatch, tmp_path):
+    """--gpu-sections picks the measurements; one that raises leaves an error entry, the JSON
+    written so far and exit status 1, and the sections after it still run."""
+    from benchmarks import gpu
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory (simulated)")
+
+    monkeypatch.setattr(gpu, "bench_sampling", broken)
+    out = tmp_path / "gpu.json"
+    argv = ["gpu", "--smoke", "--no-compile", "--runs", "1", "--warmup", "0", "--threads", "1",
+            "--gpu-sections", "sampling,tokenizer", "--json", str(out)]  # fmt: skip
+    assert bench.main(bench.parse_args(argv)) == 1
+    result = json.loads(out.read_text())
+    assert "train" not in result
+    assert "simulated" in result["sampling"]["error"]
+    assert result["tokenizer"]["encode_images_per_s"] > 0
+    with pytest.raises(SystemExit):
+        bench.parse_args(["gpu", "--gpu-sections", "train,sampels"])
