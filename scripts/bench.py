@@ -87,7 +87,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     sections = args.gpu_sections.split(",")
-    if not set(sections) <= {"train", "sampling", "tokenizer"}:
+    if not set(sections) <= {"train", "sampling", "tokenizer"}:  # benchmarks.gpu.SECTIONS
         parser.error(f"--gpu-sections={args.gpu_sections!r}: use names of train,sampling,tokenizer")
     args.gpu_sections = tuple(sections)
     if args.warmup < 0:
@@ -170,15 +170,21 @@ def main(args: argparse.Namespace) -> int:
     if args.which == "gpu":
         from benchmarks.gpu import run_gpu
 
-        def write_partial(partial: dict) -> None:
-            print(json.dumps(partial, indent=2), flush=True)
-            if args.json is not None:
-                write_json(args.json, {**metadata(args, settings), **partial})
+        meta = metadata(args, settings)
 
+        def write_partial(partial: dict) -> None:
+            done = [name for name in args.gpu_sections if name in partial]
+            print(f"bench gpu: done {['matmul_peak', *done]}", file=sys.stderr, flush=True)
+            if args.json is not None:  # "complete" turns true only in the final write
+                write_json(args.json, {**meta, **partial, "complete": False})
+
+        write_partial({})  # replaces a previous run's file before anything can fail
         result = {
-            **metadata(args, settings),
+            **meta,
             **run_gpu(settings, not args.no_compile, write_partial, args.gpu_sections),
         }
+        result["complete"] = True
+        print(json.dumps(result, indent=2))
         failed = [name for name in args.gpu_sections if "error" in result.get(name, {})]
         status = 1 if failed else 0
     else:

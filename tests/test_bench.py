@@ -144,8 +144,30 @@ def test_gpu_sections_run_in_order_and_a_failing_one_is_recorded(monkeypatch, tm
             "--gpu-sections", "sampling,tokenizer", "--json", str(out)]  # fmt: skip
     assert bench.main(bench.parse_args(argv)) == 1
     result = json.loads(out.read_text())
-    assert "train" not in result
+    assert result["complete"] and "command" in result and "commit" in result
+    assert [key for key in result if key in gpu.SECTIONS] == ["sampling", "tokenizer"]
     assert "simulated" in result["sampling"]["error"]
     assert result["tokenizer"]["encode_images_per_s"] > 0
     with pytest.raises(SystemExit):
         bench.parse_args(["gpu", "--gpu-sections", "train,sampels"])
+
+
+def test_gpu_run_killed_midway_leaves_the_finished_sections(monkeypatch, tmp_path):
+    """A run stopped during a section (the lease's time limit) keeps what finished before it,
+    with the metadata, marked incomplete; an earlier run's file is replaced first."""
+    from benchmarks import gpu
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # not an Exception: the section loop does not catch it
+
+    monkeypatch.setattr(gpu, "bench_tokenizer", killed)
+    out = tmp_path / "gpu.json"
+    out.write_text('{"stale": true}')
+    argv = ["gpu", "--smoke", "--no-compile", "--runs", "1", "--warmup", "0", "--threads", "1",
+            "--gpu-sections", "sampling,tokenizer", "--json", str(out)]  # fmt: skip
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(bench.parse_args(argv))
+    result = json.loads(out.read_text())
+    assert result["complete"] is False and "stale" not in result
+    assert result["sampling"]["batch_1"]["latency_s"] > 0 and "tokenizer" not in result
+    assert result["settings"]["device"] == "cpu"

@@ -324,30 +324,53 @@ def test_grids_tile_images_and_colour_codes():
     assert torch.equal(coloured[0, :, 0, 0], coloured[0, :, 2, 2])  # same code, same colour
 
 
-@pytest.mark.parametrize("max_grad_norm", [0.0, 100.0])
-def test_finish_step_unscales_each_optimizer_once_under_fp16(max_grad_norm):
-    """Two (model, optimizer) pairs under one fp16 GradScaler, as in the GAN phase: each model
-    must move by its true gradient. accelerate builds no scaler on CPU, so one is installed by
-    hand before prepare() (a GPU's fp16 setup). Before the fix the second model moved by 5/2048
-    with clipping (its gradients divided by the scale twice) and by 2.5 without (divided by the
-    scale the first pair's update had grown; growth_interval=1 makes it grow every step)."""
-    reset_process_state()
+def _fp16_pairs_on_cpu(init_scale: float, growth_interval: int):
+    """An fp16 Accelerator with a GradScaler installed by hand before prepare() (accelerate
+    builds none on CPU; a GPU's fp16 setup has one) and two prepared (Linear(1, 1) at w=0, SGD
+    lr 1) pairs."""
     accelerator = Accelerator(cpu=True, mixed_precision="fp16")
     accelerator.native_amp = True
-    accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=1)
+    accelerator.scaler = torch.amp.GradScaler(
+        "cpu", init_scale=init_scale, growth_interval=growth_interval
+    )
     pairs = []
     for _ in range(2):
         model = nn.Linear(1, 1, bias=False)
         nn.init.zeros_(model.weight)
-        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
-        pairs.append(accelerator.prepare(model, optimizer))
+        pairs.append(accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=1.0)))
+    return accelerator, pairs
+
+
+def _finish(accelerator, pairs, loss, max_grad_norm: float) -> dict:
+    ctx = Context(argparse.Namespace(max_grad_norm=max_grad_norm), accelerator, None, None,
+                  NonFiniteGuard(3), None)  # fmt: skip
+    return finish_step(ctx, pairs, [loss.detach()], {"loss": loss.detach()}, step=0)
+
+
+@pytest.mark.parametrize("max_grad_norm", [0.0, 100.0])
+def test_finish_step_unscales_each_optimizer_once_under_fp16(max_grad_norm):
+    """Two (model, optimizer) pairs under one fp16 GradScaler, as in the GAN phase: each model
+    must move by its true gradient. Before the fix the second model moved by 5/2048 with
+    clipping (its gradients divided by the scale twice) and by 2.5 without (divided by the
+    scale the first pair's update had grown; growth_interval=1 makes it grow every step)."""
+    accelerator, pairs = _fp16_pairs_on_cpu(init_scale=1024.0, growth_interval=1)
     # d(loss)/dw = 3 for the first model and 5 for the second.
     loss = pairs[0][0](torch.full((1, 1), 3.0)).sum() + pairs[1][0](torch.full((1, 1), 5.0)).sum()
     accelerator.backward(loss)
-    args = argparse.Namespace(max_grad_norm=max_grad_norm)
-    ctx = Context(args, accelerator, None, None, NonFiniteGuard(3), None)
-    metrics = finish_step(ctx, pairs, [loss.detach()], {"loss": loss.detach()}, step=0)
-    assert metrics["skipped"] == 0.0
+    assert _finish(accelerator, pairs, loss, max_grad_norm)["skipped"] == 0.0
     assert pairs[0][0].weight.item() == pytest.approx(-3.0)
     assert pairs[1][0].weight.item() == pytest.approx(-5.0)
-    reset_process_state()
+    assert accelerator.scaler.get_scale() == 2048.0  # one update for both
+
+
+def test_finish_step_skips_only_the_overflowing_optimizer_under_fp16():
+    """An inf gradient in the first pair: the scaler skips that optimizer, steps the other
+    with its true gradient, and halves the scale once (PyTorch's several-optimizer recipe)."""
+    accelerator, pairs = _fp16_pairs_on_cpu(init_scale=1024.0, growth_interval=1000)
+    loss = pairs[0][0](torch.full((1, 1), 3.0)).sum() + pairs[1][0](torch.full((1, 1), 5.0)).sum()
+    accelerator.backward(loss)
+    pairs[0][0].weight.grad.fill_(float("inf"))
+    _finish(accelerator, pairs, loss, max_grad_norm=100.0)
+    assert pairs[0][0].weight.item() == 0.0
+    assert pairs[1][0].weight.item() == pytest.approx(-5.0)
+    assert accelerator.scaler.get_scale() == 512.0

@@ -174,10 +174,12 @@ def test_compiled_decode_step_compiles_one_graph(model):
     null = torch.tensor([1, 2, 0, 0, 0, 0])
     torch._dynamo.reset()
     counters.clear()
-    generate(model, text, null_text_ids=null, guidance_scale=2.0,
-             generator=seeded(5), compile_decode_step="aot_eager")  # fmt: skip
-    assert counters["stats"]["unique_graphs"] == 1
-    torch._dynamo.reset()
+    try:
+        generate(model, text, null_text_ids=null, guidance_scale=2.0,
+                 generator=seeded(5), compile_decode_step="aot_eager")  # fmt: skip
+        assert counters["stats"]["unique_graphs"] == 1
+    finally:
+        torch._dynamo.reset()
 
 
 def test_generate_with_bfloat16_weights():

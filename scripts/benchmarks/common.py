@@ -86,7 +86,8 @@ def _sync(device: torch.device | str | None) -> None:
         torch.cuda.synchronize()
 
 
-def _timed(fn: Callable[[], object], device) -> float:
+def timed(fn: Callable[[], object], device) -> float:
+    """Seconds of one call of `fn`, the device synchronised before and after."""
     _sync(device)
     start = time.perf_counter()
     fn()
@@ -114,7 +115,7 @@ def time_pair(
         for index in range(runs):
             order = [("ours", ours), ("reference", reference)]
             for name, fn in order if index % 2 == 0 else order[::-1]:
-                times[name].append(_timed(fn, settings.device))
+                times[name].append(timed(fn, settings.device))
     return statistics.median(times["ours"]), statistics.median(times["reference"]), times
 
 
@@ -127,7 +128,7 @@ def time_one(
     with context:
         for _ in range(settings.warmup):
             fn()
-        times = [_timed(fn, settings.device) for _ in range(runs)]
+        times = [timed(fn, settings.device) for _ in range(runs)]
     return statistics.median(times), times
 
 

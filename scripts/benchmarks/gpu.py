@@ -1,4 +1,8 @@
-"""`bench.py gpu`: one prepared accelerator run of at most about 5 minutes, writing JSON.
+"""`bench.py gpu`: one prepared accelerator run, writing JSON after each measurement.
+
+On one H200 the matmul peak and the training section took well under 2 minutes; eager sampling
+and the tokenizer about 1 more; compiled sampling did not finish its first call in 85 s there
+(`--gpu-sections` runs a subset; README "GPU").
 
 Measures, on one CUDA device:
 - the bf16 matmul peak (8192^3, median of runs) beside the card's dense bf16 spec;
@@ -7,7 +11,7 @@ Measures, on one CUDA device:
 - tokenizer encode and decode throughput at 256 px (bf16 autocast).
 
 The prior is the "B" preset (d_model 768, 12 layers, 12 heads, 16384 codes, 128 text tokens:
-LlamaGen GPT-B scale, about 111M parameters); the tokenizer is taming's f16 architecture with
+LlamaGen GPT-B scale, 134.8M parameters with its 16384-code head); the tokenizer is taming's f16 architecture with
 16384 codes. Only torch and this source tree are imported: no transformers, datasets or
 diffusers. `--smoke` shrinks every model so the same code runs on CPU in seconds.
 """
@@ -16,10 +20,14 @@ from __future__ import annotations
 
 import sys
 import time
+import traceback
+from collections.abc import Callable
 
 import torch
 
-from benchmarks.common import Settings, matmul_peak_flops, time_one
+from benchmarks.common import Settings, matmul_peak_flops, time_one, timed
+
+SECTIONS = ("train", "sampling", "tokenizer")  # the measurements after the matmul peak
 
 # Dense bf16 tensor-core peaks from the vendors' spec sheets (no sparsity), TFLOP/s.
 SPEC_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0}
@@ -105,11 +113,7 @@ def bench_sampling(settings: Settings, batches: tuple[int, ...], compile_step: b
                 return generate(model, text, null_text_ids=null, guidance_scale=4.0,
                                 generator=generator, compile_decode_step=compile_step)  # fmt: skip
 
-        start = time.perf_counter()
-        run()  # the first call pays for compilation (compile_decode_step)
-        if settings.device != "cpu":
-            torch.cuda.synchronize()
-        first_call_s = time.perf_counter() - start
+        first_call_s = timed(run, settings.device)  # pays for compilation and CUDA warm-up
         seconds, raw = time_one(run, settings)
         result[f"batch_{batch}"] = {
             "first_call_s": first_call_s,
@@ -151,8 +155,8 @@ def bench_tokenizer(settings: Settings, batch: int) -> dict:
 def run_gpu(
     settings: Settings,
     compile_model: bool = True,
-    on_section=None,
-    sections: tuple[str, ...] = ("train", "sampling", "tokenizer"),
+    on_section: Callable[[dict], None] | None = None,
+    sections: tuple[str, ...] = SECTIONS,
 ) -> dict:
     """The matmul peak, then each measurement of `sections` in order; a JSON-able dict.
 
@@ -160,6 +164,9 @@ def run_gpu(
     run cut short by the accelerator's time limit still leaves its finished figures behind. A
     section that raises is recorded as {"error": ...} and the next one still runs: an
     accelerator lease is too short to lose every figure to one failure."""
+    unknown = [name for name in sections if name not in SECTIONS]
+    if unknown:
+        raise ValueError(f"sections={sections!r}: unknown {unknown}; use names of {SECTIONS}")
     device = torch.device(settings.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(
@@ -190,10 +197,10 @@ def run_gpu(
             elif name == "sampling":
                 batches = (1, 2) if settings.smoke else (1, 64)
                 result["sampling"] = bench_sampling(settings, batches, compile_model)
-            else:
+            elif name == "tokenizer":
                 result["tokenizer"] = bench_tokenizer(settings, 2 if settings.smoke else 32)
         except Exception as error:  # recorded in the JSON and on stderr, never hidden
-            print(f"bench gpu: section {name} failed: {error!r}", file=sys.stderr, flush=True)
+            print(f"bench gpu: section {name} failed:\n{traceback.format_exc()}", file=sys.stderr)
             result[name] = {"error": repr(error)}
         report(result)
     return result

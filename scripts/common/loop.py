@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.optimizer import AcceleratedOptimizer
 from tqdm.auto import tqdm
 
 from codegrid.io import config_from_dict
@@ -250,15 +251,22 @@ def train_loop(
     bar.close()
 
 
-def step_pairs(accelerator: Accelerator, pairs: list, max_grad_norm: float) -> None:
-    """Clip (if max_grad_norm > 0) and step each (model, optimizer) pair.
+def step_pairs(
+    accelerator: Accelerator,
+    pairs: list[tuple[torch.nn.Module, AcceleratedOptimizer]],
+    max_grad_norm: float,
+) -> None:
+    """Clip (if max_grad_norm > 0) and step each (model, optimizer) pair from `prepare()`.
 
     Under fp16 all pairs share one GradScaler, and each AcceleratedOptimizer.step ends with
     scaler.update(), which may change the scale and forgets which optimizers were unscaled. So
     each optimizer is unscaled alone (accelerator.clip_grad_norm_ would unscale all of them, and
     the second pair's gradients again after the first update), and every pair but the last
     steps through scaler.step, leaving the one update to the last: PyTorch's AMP recipe for
-    several optimizers (one scaler.step each, then one scaler.update()).
+    several optimizers (one scaler.step each, then one scaler.update()). The clip is
+    torch's, so this suits DDP and single processes (what these jobs launch), not FSDP or
+    DeepSpeed, whose accelerate clip paths differ; the scaler.step path assumes manual
+    accumulation (sync_gradients stays True), as both jobs do.
     """
     scaler = accelerator.scaler  # None unless fp16 on an accelerator
     for index, (model, optimizer) in enumerate(pairs):
