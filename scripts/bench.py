@@ -46,6 +46,7 @@ from benchmarks.common import (  # noqa: E402
     format_table,
     set_threads,
 )
+from benchmarks.gpu import SECTIONS as GPU_SECTIONS  # noqa: E402
 
 CPU_BENCHES = ("tokenizer", "sampling", "train", "extract", "scaling")
 
@@ -76,8 +77,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--device", default=None, help="device for `gpu` (default: cuda; cpu with --smoke); "
         "the CPU benchmarks always run on cpu")  # fmt: skip
     add("--no-compile", action="store_true", help="`gpu`: skip torch.compile (eager bf16)")
-    add("--gpu-sections", default="train,sampling,tokenizer", help="`gpu`: comma-separated "
-        "measurements after the matmul peak, in order (default: train,sampling,tokenizer)")  # fmt: skip
+    names = ",".join(GPU_SECTIONS)
+    add("--gpu-sections", default=names, help="`gpu`: comma-separated measurements after the "
+        f"matmul peak, in order (default: {names})")  # fmt: skip
     add("--levers", action="store_true", help="`tokenizer`: also time prototypes of speed "
         "levers (channels_last, in-place swish/add) against our unchanged model")  # fmt: skip
     add("--compile-levers", action="store_true", help="with --levers: also torch.compile "
@@ -87,8 +89,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     sections = args.gpu_sections.split(",")
-    if not set(sections) <= {"train", "sampling", "tokenizer"}:  # benchmarks.gpu.SECTIONS
-        parser.error(f"--gpu-sections={args.gpu_sections!r}: use names of train,sampling,tokenizer")
+    if not set(sections) <= set(GPU_SECTIONS):
+        parser.error(f"--gpu-sections={args.gpu_sections!r}: use names of {names}")
     args.gpu_sections = tuple(sections)
     if args.warmup < 0:
         parser.error(f"--warmup must be >= 0, got {args.warmup}")

@@ -281,7 +281,7 @@ def step_pairs(
 
 def finish_step(
     ctx: Context,
-    pairs: list[tuple[torch.nn.Module, torch.optim.Optimizer]],
+    pairs: list[tuple[torch.nn.Module, AcceleratedOptimizer]],
     losses: list[torch.Tensor],
     terms: dict[str, Any],
     step: int,
