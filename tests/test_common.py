@@ -341,9 +341,9 @@ def _fp16_pairs_on_cpu(init_scale: float, growth_interval: int):
     return accelerator, pairs
 
 
-def _finish(accelerator, pairs, loss, max_grad_norm: float) -> dict:
-    ctx = Context(argparse.Namespace(max_grad_norm=max_grad_norm), accelerator, None, None,
-                  NonFiniteGuard(3), None)  # fmt: skip
+def _finish(accelerator, pairs, loss, max_grad_norm: float, ema=None, ctx=None) -> dict:
+    ctx = ctx or Context(argparse.Namespace(max_grad_norm=max_grad_norm), accelerator, None, None,
+                         NonFiniteGuard(3), ema, pairs[0][0])  # fmt: skip
     return finish_step(ctx, pairs, [loss.detach()], {"loss": loss.detach()}, step=0)
 
 
@@ -374,3 +374,22 @@ def test_finish_step_skips_only_the_overflowing_optimizer_under_fp16():
     assert pairs[0][0].weight.item() == 0.0
     assert pairs[1][0].weight.item() == pytest.approx(-5.0)
     assert accelerator.scaler.get_scale() == 512.0
+
+
+def test_fp16_overflow_is_counted_and_holds_the_weight_ema():
+    """A GradScaler skip is reported as "overflow" (not as a non-finite skip), counted in the
+    train state, and leaves the weight EMA alone; the next, finite step updates it."""
+    accelerator, pairs = _fp16_pairs_on_cpu(init_scale=1024.0, growth_interval=1000)
+    ema = EMA(pairs[0][0], decay=0.5)
+    ctx = Context(argparse.Namespace(max_grad_norm=0.0), accelerator, None, None,
+                  NonFiniteGuard(3), ema, pairs[0][0])  # fmt: skip
+    outcomes = []
+    for gradient in (float("inf"), 3.0):
+        loss = pairs[0][0](torch.full((1, 1), 3.0)).sum() + pairs[1][0](torch.ones(1, 1)).sum()
+        accelerator.backward(loss)
+        pairs[0][0].weight.grad.fill_(gradient * accelerator.scaler.get_scale())
+        metrics = _finish(accelerator, pairs, loss, 0.0, ctx=ctx)
+        outcomes.append((metrics["overflow"], metrics["skipped"], ema.num_updates))
+    assert outcomes == [(1.0, 0.0, 0), (0.0, 0.0, 1)]
+    assert ctx.state.overflow_steps == 1 and ctx.guard.total == 0
+    assert pairs[0][0].weight.item() == pytest.approx(-3.0)  # only the second step moved it

@@ -117,6 +117,7 @@ class TrainState:
     best_metric: float | None = None
     best_step: int | None = None
     ema_updates: int = 0
+    overflow_steps: int = 0  # fp16 steps in which the GradScaler skipped an optimizer
     nonfinite: dict[str, int] = dataclasses.field(default_factory=dict)
     job: dict[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -242,9 +243,10 @@ def train_loop(
         if step % ctx.args.log_every == 0 or step == 1:
             rate = (step - interval[0]) / max(time.monotonic() - interval[1], 1e-9)
             interval = (step, time.monotonic())
-            ctx.run.log_metrics(
-                step, {**metrics, "nonfinite_total": ctx.guard.total, "steps_per_second": rate}
-            )
+            totals = {"nonfinite_total": ctx.guard.total, "steps_per_second": rate}
+            if "overflow" in metrics:
+                totals["overflow_total"] = ctx.state.overflow_steps
+            ctx.run.log_metrics(step, {**metrics, **totals})
         bar.update(1)
         bar.set_postfix({key: f"{metrics[key]:.4f}" for key in list(metrics)[:2]}, refresh=False)
         periodic_fn(step, step >= ctx.budget.current_total(ctx.args.max_steps or math.inf))
@@ -291,20 +293,29 @@ def finish_step(
     """After the backward passes of `step`: skip it on every rank if any rank saw a non-finite
     loss or gradient, else clip and step each (model, optimizer) pair and update the EMA.
 
-    Returns the step's metrics averaged over ranks, plus lr and whether it was skipped. Raises
-    NonFiniteLossError after --max-nonfinite-steps skips in a row.
+    Returns the step's metrics averaged over ranks, plus lr, whether it was skipped and, under
+    fp16, whether the GradScaler skipped an optimizer for overflowing gradients ("overflow";
+    the weight EMA is then not updated). Raises NonFiniteLossError after --max-nonfinite-steps
+    skips in a row; overflows do not count, since the scaler backs off and goes on by design.
     """
     args, accelerator = ctx.args, ctx.accelerator
     # With fp16 the GradScaler already skips steps whose gradients overflow; check only losses.
-    check_grads = accelerator.mixed_precision != "fp16"
-    params = [p for model, _ in pairs for p in model.parameters()] if check_grads else []
+    scaler = accelerator.scaler
+    params = [p for model, _ in pairs for p in model.parameters()] if scaler is None else []
     skipped, metrics = reduce_step(accelerator, locally_nonfinite(losses, params), terms)
+    overflow = False
     if skipped:
         if on_skip is not None:
             on_skip()
     else:
+        scale = scaler.get_scale() if scaler is not None else None
         step_pairs(accelerator, pairs, args.max_grad_norm)
-        if ctx.ema is not None:
+        # GradScaler.update() lowers the scale exactly when some optimizer found an inf/NaN
+        # gradient and skipped its step. The forward was finite, so buffers it updated in
+        # place (codebook statistics) stay; only the weight EMA waits for a real step.
+        overflow = scale is not None and scaler.get_scale() < scale
+        ctx.state.overflow_steps += int(overflow)
+        if ctx.ema is not None and not overflow:
             ctx.ema.update(ctx.ema_model)
         if on_success is not None:
             on_success()
@@ -312,4 +323,5 @@ def finish_step(
         optimizer.zero_grad(set_to_none=True)
     ctx.guard.record(skipped, step + 1, ctx.last_checkpoint)
     lr = pairs[0][1].param_groups[0]["lr"]
-    return {**metrics, "lr": lr, "skipped": float(skipped)}
+    step_metrics = {**metrics, "lr": lr, "skipped": float(skipped)}
+    return step_metrics | ({"overflow": float(overflow)} if scaler is not None else {})
