@@ -41,6 +41,7 @@ With `missing_caption="skip"`, missing and empty captions drop the image
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -312,33 +313,14 @@ def load_image_caption_dataset(
     kind, value, label = sources.resolve_source(source, split, streaming, num_samples, seed,
                                                 resolution)  # fmt: skip
     if streaming:
-        if kind == "dataset":
-            image_column, caption_column = sources.find_columns(
-                value.features, image_column, caption_column, label
-            )
-            stream = partial(sources.stream_dataset, value, image_column, caption_column)
-        elif kind == "tar":
-            stream = partial(sources.stream_tar, value)
-        else:
-            raise ValueError(f"streaming=True needs tar shards or a `datasets` source, not {label}")
+        stream = _stream(kind, value, label, image_column, caption_column)
         return StreamingImageCaptionDataset(
             stream, transform, options, missing_caption, seed, label
         )
-    scan_report, extras = DataReport(), None
-    if kind == "folder":
-        candidates = sources.scan_image_folder(value, scan_report, caption_column)
-        reader = _read_path
-    elif kind == "tar":
-        candidates = sources.scan_tar_shards(value, scan_report)
-        reader = sources.read_tar_member
-    else:
-        image_column, caption_column = sources.find_columns(
-            value.features, image_column, caption_column, label
-        )
-        value = sources.undecoded(value, image_column)
-        candidates = sources.scan_dataset(value, caption_column)
-        reader = sources.DatasetColumnReader(value, image_column)
-        extras = value.remove_columns([image_column, caption_column])
+    scan_report = DataReport()
+    candidates, reader, extras = _scan(
+        kind, value, label, image_column, caption_column, scan_report
+    )
     if num_samples is not None and kind != "shapes":
         candidates = candidates[:num_samples]
     valid, report = _validate(candidates, reader, options, missing_caption, distributed)
@@ -353,3 +335,31 @@ def load_image_caption_dataset(
     entries = [(ref, caption) for _, ref, caption in valid]
     names = [candidates[position].name for position, _, _ in valid]
     return ImageCaptionDataset(entries, names, reader, transform, report, options, seed, extras)
+
+
+def _stream(kind: str, value: Any, label: str, image_column, caption_column) -> Callable:
+    """The record stream of a streaming source: tar shards or a `datasets` source."""
+    if kind == "dataset":
+        image_column, caption_column = sources.find_columns(
+            value.features, image_column, caption_column, label
+        )
+        return partial(sources.stream_dataset, value, image_column, caption_column)
+    if kind == "tar":
+        return partial(sources.stream_tar, value)
+    raise ValueError(f"streaming=True needs tar shards or a `datasets` source, not {label}")
+
+
+def _scan(kind: str, value: Any, label: str, image_column, caption_column, report: DataReport):
+    """(candidates, reader, extra columns or None) of a map-style source; what the scan itself
+    skips (bad metadata lines, missing files) is counted in `report`."""
+    if kind == "folder":
+        return sources.scan_image_folder(value, report, caption_column), _read_path, None
+    if kind == "tar":
+        return sources.scan_tar_shards(value, report), sources.read_tar_member, None
+    image_column, caption_column = sources.find_columns(
+        value.features, image_column, caption_column, label
+    )
+    value = sources.undecoded(value, image_column)
+    reader = sources.DatasetColumnReader(value, image_column)
+    extras = value.remove_columns([image_column, caption_column])
+    return sources.scan_dataset(value, caption_column), reader, extras
