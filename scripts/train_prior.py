@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate.utils import set_seed
-from common import loop
+from common import curves, loop
 from common import validation as checks
 from common.evaluation import image_token_loss
 from common.faults import fires, kill_point
@@ -342,6 +342,7 @@ def periodic(job: Job, step: int, is_last: bool) -> None:
     if loop.due(step, args.eval_every, is_last):
         loss = validation_loss(job)
         ctx.run.log_metrics(step, {"val_loss": loss})
+        ctx.run.write_curves(curves.PRIOR)
         ctx.run.info(f"step {step}: validation loss {loss:.4f} nats per image token")
         if ctx.state.best_metric is None or loss < ctx.state.best_metric:
             ctx.state.best_metric, ctx.state.best_step = loss, step

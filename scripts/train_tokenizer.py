@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 from accelerate.utils import set_seed
-from common import loop
+from common import curves, loop
 from common import validation as checks
 from common.evaluation import reconstruction_metrics
 from common.faults import fires, kill_point
@@ -371,6 +371,7 @@ def periodic(job: Job, step: int, is_last: bool) -> None:
     if loop.due(step, args.eval_every, is_last) or loop.due(step, args.image_every, is_last):
         metrics, grid = evaluate(job)
         ctx.run.log_metrics(step, metrics)
+        ctx.run.write_curves(curves.TOKENIZER)
         ctx.run.info(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         if ctx.accelerator.is_main_process and loop.due(step, args.image_every, is_last):
             save_png(

@@ -24,6 +24,7 @@ from common.checkpoint import (
     save_checkpoint,
     verify_checkpoint,
 )
+from common.curves import Panel, plot_curves, read_series
 from common.ema import EMA
 from common.guards import NonFiniteGuard, NonFiniteLossError, StateSnapshot, locally_nonfinite
 from common.images import codes_to_images, tensor_grid
@@ -32,6 +33,7 @@ from common.optim import param_groups
 from common.run_folder import RunFolder
 from common.sampler import StepSampler
 from common.schedule import warmup_cosine
+from PIL import Image
 from torch import nn
 from training_helpers import reset_process_state
 
@@ -393,3 +395,23 @@ def test_fp16_overflow_is_counted_and_holds_the_weight_ema():
     assert outcomes == [(1.0, 0.0, 0), (0.0, 0.0, 1)]
     assert ctx.state.overflow_steps == 1 and ctx.guard.total == 0
     assert pairs[0][0].weight.item() == pytest.approx(-3.0)  # only the second step moved it
+
+
+def test_curves_plot_the_logged_keys_and_skip_the_rest(tmp_path):
+    """Series come from every line that has the key (a killed write's tail is ignored); a panel
+    whose keys were never logged is left out, and no data at all writes no file."""
+    lines = [json.dumps({"step": s, "loss": 3.0 / s, "lr": 0.1}) for s in range(1, 41)]
+    lines += [json.dumps({"step": 40, "val_loss": 0.2}), '{"step": 41, "lo']
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("\n".join(lines))
+    series = read_series(metrics)
+    assert series["loss"][0] == list(range(1, 41)) and series["val_loss"] == ([40], [0.2])
+    panels = [Panel("loss", ("loss", "val_loss"), log_y=True), Panel("PSNR", ("val_psnr",)),
+              Panel("lr", ("lr",), smooth=False)]  # fmt: skip
+    out = plot_curves(metrics, tmp_path / "curves.png", panels)
+    assert out == tmp_path / "curves.png" and not list(tmp_path.glob("*.tmp*"))
+    pixels = np.asarray(Image.open(out).convert("RGB"))
+    assert pixels.shape == (320, 840, 3)  # two panels of 420 x 320: the PSNR one is left out
+    assert (pixels.std(axis=(0, 1)) > 10).all()  # something was drawn on the white canvas
+    assert plot_curves(metrics, tmp_path / "none.png", [Panel("PSNR", ("val_psnr",))]) is None
+    assert not (tmp_path / "none.png").exists()

@@ -41,6 +41,8 @@ def test_demo_micro_budget_then_reuse(tmp_path, capsys, monkeypatch):
     rows = len(demo.grid_records()) * demo.GRID_IMAGES_PER_PROMPT // columns
     side = 32 * demo.GRID_SCALE
     assert image_size(out / "grid.png") == (columns * (side + 2) + 2, rows * (side + 2) + 2)
+    for stage in ("tokenizer", "prior"):
+        assert str(out / stage / "curves.png") in printed and (out / stage / "curves.png").is_file()
 
     again = demo.main(demo.parse_args([*MICRO, "--output-dir", str(out)]))
     assert "reusing" in capsys.readouterr().out

@@ -52,6 +52,7 @@ def test_two_steps_then_resume(codes, tmp_path):
     assert [row["step"] for row in rows if "loss" in row] == [1, 2, 3, 4]
     val = [row["val_loss"] for row in rows if "val_loss" in row]
     assert len(val) == 2 and all(0 < loss < 2 * math.log(64) for loss in val)  # nats per token
+    assert Image.open(out / "curves.png").size == (840, 320)  # loss and lr panels
     prior = Prior.from_pretrained(out / "final" / "prior")
     text = TextTokenizer.from_pretrained(out / "final" / "text_tokenizer")
     assert prior.config.codebook_size == 64 and tuple(prior.config.image_grid) == (4, 4)

@@ -103,3 +103,5 @@ def print_summary(metrics: dict, out: Path) -> None:
     times = ", ".join(f"{name} {value:.0f} s" for name, value in metrics["stage_seconds"].items())
     print(f"  stage times: {times}; total {metrics['total_seconds']:.0f} s")
     print(f"wrote {out / 'metrics.json'} and {out / 'grid.png'}")
+    curves = " and ".join(str(out / stage / "curves.png") for stage in ("tokenizer", "prior"))
+    print(f"training curves: {curves}")

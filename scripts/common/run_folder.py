@@ -4,6 +4,7 @@
     OUTPUT/train.log          a plain-text log (main process), appended across resumes
     OUTPUT/metrics.jsonl      one JSON object per logged step: {"step": ..., "<name>": value}
     OUTPUT/tensorboard/       TensorBoard events through accelerate's trackers (--report-to)
+    OUTPUT/curves.png         the metrics as plots, redrawn at each validation (common/curves.py)
 
 On resume, metric lines after the resumed step are dropped first: they came from the killed
 run's steps that are now repeated, and keeping them would duplicate those steps.
@@ -25,7 +26,10 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration
 
+from common.curves import Panel, plot_curves
+
 METRICS = "metrics.jsonl"
+CURVES = "curves.png"
 
 
 def _no_accelerator_device() -> bool:
@@ -128,6 +132,11 @@ class RunFolder:
                 handle.write(json.dumps(record) + "\n")
         if self.accelerator.log_with:
             self.accelerator.log(clean, step=step)
+
+    def write_curves(self, panels: list[Panel]) -> None:
+        """Redraw OUTPUT/curves.png from metrics.jsonl (main process)."""
+        if self.is_main:
+            plot_curves(self.path / METRICS, self.path / CURVES, panels)
 
     def truncate_metrics(self, after_step: int) -> None:
         """Drop metric lines with step > after_step (steps the resumed run repeats)."""
