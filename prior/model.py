@@ -141,8 +141,8 @@ PRESETS: dict[str, dict] = {
     # Shapes (4 layers, d 192, 4 heads); with 1024 codes and 512 text ids it has 2.1M.
     # LayerNorm: its fused CPU kernel made training steps ~10% faster than RMSNorm (measured).
     # Tied image head: on the demo's codes, 4.3 minutes reached the validation loss that the
-    # untied head needed 12 minutes for (1.45 nats; README, "The prior's head, schedule and
-    # sampling").
+    # untied head needed 12 minutes for (1.45 nats; docs/experiments.md, "The prior's head,
+    # schedule and sampling").
     "cpu-tiny": dict(
         d_model=192, num_layers=4, num_heads=4, norm="layernorm", tie_image_embeddings=True
     ),

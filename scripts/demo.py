@@ -70,7 +70,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--num-test-prompts", type=int, default=200, help="seen and held-out, each")
     add("--num-validation-prompts", type=int, default=200, help="prompts of the sweep")
     add("--tokenizer-images", type=int, default=1000, help="validation images for PSNR/usage")
-    # Scale 3 and temperature 1 were the worst settings of every demo sweep so far (README).
+    # Scale 3 and temperature 1 were the worst settings of every demo sweep so far
+    # (docs/experiments.md).
     add("--sweep-guidance", default="1,1.5,2", help="guidance scales tried on validation")
     add(
         "--sweep-temperature",
@@ -97,7 +98,7 @@ def train_settings(args: argparse.Namespace) -> dict:
     # gains from more steps too: on one demo's codes, 4.2 minutes at batch 16 / lr 2e-3 (1507
     # steps) drew all attributes right for 32.0% of seen test prompts, against 22.0% at batch
     # 32 / lr 3e-3 (772 steps) and 27.0% at batch 8 / lr 1.4e-3 (2500 steps); on another
-    # demo's codes batch 16 and 32 were equal (28.5% and 30.0%; README).
+    # demo's codes batch 16 and 32 were equal (28.5% and 30.0%; docs/experiments.md).
     tokenizer_batch = args.tokenizer_batch_size or (32 if cpu else 256)
     prior_batch = args.prior_batch_size or (16 if cpu else 256)
     prior_lr = "2e-3" if cpu else "3e-3"

@@ -114,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--flip", action="store_true", help="random horizontal flips of training images")
     add("--reconstruction", default="l1", help="'l1' (taming) or 'l2'")
     add("--edge-weight", type=float, default=0.0, help="extra weight on the reconstruction "
-        "error near edges, e.g. 1 (0: off); sharper small objects (README)")
+        "error near edges, e.g. 1 (0: off); sharper small objects (docs/experiments.md)")
     add("--perceptual-weight", type=float, default=1.0, help="LPIPS weight; 0 disables. When "
         "the VGG16 weights are not on disk it is turned off with one log line")
     add("--perceptual-random-backbone", action="store_true", help="LPIPS with a random VGG "

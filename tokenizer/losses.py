@@ -34,7 +34,7 @@ def edge_weights(images: torch.Tensor, strength: float) -> torch.Tensor:
     Up-weighting the error near edges is the idea of edge-based losses for super-resolution
     (Seif & Androutsos 2018). On 32-pixel Shapes, where a small object is a few dozen of 1024
     pixels, strength 1 kept the shape of 76% of small objects' reconstructions against 57% at
-    equal steps (README, "Tokenizer benchmark")."""
+    equal steps (docs/experiments.md, "Tokenizer")."""
     dx = F.pad((images[..., :, 1:] - images[..., :, :-1]).abs(), (0, 1))  # (B, C, H, W)
     dy = F.pad((images[..., 1:, :] - images[..., :-1, :]).abs(), (0, 0, 0, 1))  # (B, C, H, W)
     edges = F.max_pool2d((dx + dy).sum(1, keepdim=True), 3, stride=1, padding=1)  # (B, 1, H, W)
