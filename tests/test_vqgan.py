@@ -5,10 +5,12 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from codegrid.io import config_from_dict
 from tokenizer import PRESETS, VQGAN, ImageTokenizer, VQGANConfig
-from tokenizer.modules import ChannelNorm
+from tokenizer.modules import AttnBlock, ChannelNorm
 
 TINY = {
     "resolution": 16,
@@ -329,3 +331,21 @@ def test_config_validation_names_field_and_allowed_values(overrides, message):
 def test_unknown_preset():
     with pytest.raises(ValueError, match=r"unknown VQGAN preset 'nope'.*cpu-tiny"):
         VQGANConfig.from_preset("nope")
+
+
+def test_attention_block_runs_on_the_fused_kernel():
+    """q, k, v reach SDPA with a stride-1 last dimension, so the fused (flash) kernel takes
+    them: restricted to it, transposed views would raise "No available kernel". The result
+    equals softmax(q k^T / sqrt(C)) v written out."""
+    torch.manual_seed(0)
+    block = AttnBlock(8).eval()
+    x = torch.randn(2, 8, 4, 4)
+    with torch.no_grad(), sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        fused = block(x)
+    with torch.no_grad():
+        h = block.norm(x)
+        q, k, v = (conv(h).flatten(2) for conv in (block.q, block.k, block.v))  # (B, C, HW)
+        weights = F.softmax(q.transpose(1, 2) @ k / 8**0.5, dim=-1)  # (B, HW, HW)
+        out = (v @ weights.transpose(1, 2)).view_as(x)  # (B, C, H, W)
+        reference = x + block.proj_out(out)
+    torch.testing.assert_close(fused, reference, atol=1e-5, rtol=1e-5)
