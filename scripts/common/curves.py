@@ -83,7 +83,9 @@ def plot_curves(metrics_path: Path, out_path: Path, panels: list[Panel]) -> Path
             if window > 1:
                 axis.plot(steps, _smooth(values, window), color=line.get_color(), label=key)
             else:
-                line.set(alpha=1.0, linewidth=1.5, label=key, marker="o" if len(values) < 20 else "")
+                line.set(
+                    alpha=1.0, linewidth=1.5, label=key, marker="o" if len(values) < 20 else ""
+                )
         if panel.log_y and all(min(series[k][1]) > 0 for k in panel.keys if k in series):
             axis.set_yscale("log")
         axis.set(title=panel.title, xlabel="step")
