@@ -292,6 +292,31 @@ def test_budget_fixes_the_step_count_after_the_measurement_window(monkeypatch):
         StepBudget(minutes=1.0, max_steps=None, skip_steps=0)
 
 
+@pytest.mark.parametrize(
+    ("min_steps", "limit_minutes", "total"),
+    [
+        (None, None, 7 + 18),  # the budget's own count
+        (20, None, 7 + 18),  # already above the floor
+        (30, 2.0, 30),  # raised to the floor: it fits in the limit
+        (90, 1.5, 7 + 33),  # only as far as the limit: 90 - 23 = 67 s left, 2 s per step
+        (90, 1.0, 7 + 18),  # no limit beyond the budget: no stretching
+    ],
+)
+def test_budget_floor_raises_the_count_within_the_limit(
+    monkeypatch, min_steps, limit_minutes, total
+):
+    clock = {"now": 100.0}
+    monkeypatch.setattr(budget_module.time, "monotonic", lambda: clock["now"])
+    budget = StepBudget(minutes=1.0, max_steps=None, measure_steps=4, skip_steps=3, safety=1.0,
+                        reserve_seconds=0.0, min_steps=min_steps, limit_minutes=limit_minutes)  # fmt: skip
+    for step in range(1, 8):
+        clock["now"] += 5.0 if step <= 3 else 2.0  # as above: 23 s for 7 steps, then 2 s each
+        budget.observe(step, Accelerator(cpu=True))
+    assert budget.total_steps == total
+    with pytest.raises(ValueError, match=r"limit_minutes=0\.5 is below the budget of 1\.0 minutes"):
+        StepBudget(minutes=1.0, max_steps=None, limit_minutes=0.5)
+
+
 # ---------------------------------------------------------------- run folder, optim, images
 def test_metrics_after_the_resumed_step_are_dropped(tmp_path):
     args = argparse.Namespace(output_dir=tmp_path, report_to="none", value=[1, 2])

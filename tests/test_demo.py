@@ -6,6 +6,7 @@ import json
 
 import demo
 import pytest
+import train_tokenizer
 from image_files import image_size
 
 MICRO = [
@@ -70,3 +71,26 @@ def test_grid_prompts_mark_the_held_out_pairs():
 def test_demo_rejects_bad_flags(flag):
     with pytest.raises(SystemExit):
         demo.parse_args([flag])
+
+
+def test_tokenizer_stage_is_stretched_to_its_minimum_steps_within_half_the_budget(
+    tmp_path, monkeypatch
+):
+    """Without a step cap the tokenizer job gets --min-steps and a --time-limit-minutes of half
+    the budget (less start-up), flags that train_tokenizer.py accepts."""
+    commands: list[list[str]] = []
+    monkeypatch.setattr(demo, "run", lambda command, log: commands.append(command))
+    args = demo.parse_args(["--output-dir", str(tmp_path)])
+    minutes = demo.stage_minutes("tokenizer", args, {"stages": {}})
+    demo.stage_tokenizer(args, tmp_path, minutes, [])
+    argv = commands[0][2:]  # after the interpreter and the script
+    parsed = train_tokenizer.parse_args(argv)
+    assert parsed.min_steps == demo.TOKENIZER_MIN_STEPS
+    assert parsed.time_budget_minutes == pytest.approx(minutes, abs=1e-3)
+    limit = demo.TOKENIZER_LIMIT_SHARE * args.budget_minutes - demo.STARTUP_MINUTES
+    assert parsed.time_limit_minutes == pytest.approx(limit, abs=1e-3) and limit > minutes
+    commands.clear()
+    demo.stage_tokenizer(
+        demo.parse_args([*MICRO, "--output-dir", str(tmp_path)]), tmp_path, 0.1, []
+    )
+    assert "--min-steps" not in commands[0]  # a capped smoke run stays capped

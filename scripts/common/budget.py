@@ -28,7 +28,9 @@ class StepBudget:
 
     Without a budget the total is `max_steps` from the start. With one, the total is unknown
     (None) until `observe` has timed `measure_steps` steps after the first `skip_steps`;
-    `max_steps` then caps it.
+    `max_steps` then caps it. `min_steps` raises a total that the budget would leave below it,
+    but only as far as `limit_minutes` (>= `minutes`) allows: a stage that needs a number of
+    steps to be useful gets them on a slow machine, within a hard cap.
     """
 
     def __init__(
@@ -40,9 +42,17 @@ class StepBudget:
         safety: float = 0.97,
         reserve_seconds: float = 5.0,
         started: float | None = None,
+        min_steps: int | None = None,
+        limit_minutes: float | None = None,
     ) -> None:
         self.seconds = None if minutes is None else 60.0 * minutes
-        self.max_steps = max_steps
+        self.max_steps, self.min_steps = max_steps, min_steps
+        self.limit = self.seconds if limit_minutes is None else 60.0 * limit_minutes
+        if self.seconds is not None and self.limit < self.seconds:
+            raise ValueError(
+                f"limit_minutes={limit_minutes} is below the budget of {minutes} minutes; pass a "
+                "limit >= the budget (or none)"
+            )
         self.measure_steps, self.safety, self.reserve = measure_steps, safety, reserve_seconds
         if skip_steps < 1:
             raise ValueError(
@@ -77,9 +87,9 @@ class StepBudget:
         if step - first_step < self.measure_steps:
             return False
         self.seconds_per_step = (now - first_time) / (step - first_step)
-        # Reserve time for the final validation, checkpoint and export (at most 5% of it).
-        remaining = self.seconds - self.elapsed() - min(self.reserve, 0.05 * self.seconds)
-        total = step + max(0, math.floor(self.safety * remaining / self.seconds_per_step))
+        total = self._steps_within(self.seconds, step)
+        if self.min_steps is not None and total < self.min_steps:
+            total = max(total, min(self.min_steps, self._steps_within(self.limit, step)))
         if self.max_steps is not None:
             total = min(total, self.max_steps)
         value = torch.tensor([float(max(total, step))], device=accelerator.device)
@@ -87,6 +97,12 @@ class StepBudget:
             torch.distributed.broadcast(value, src=0)
         self.total_steps = int(value.item())
         return True
+
+    def _steps_within(self, seconds: float, step: int) -> int:
+        """The step count that ends within `seconds` of the start at the measured pace, keeping
+        back time for the final validation, checkpoint and export (at most 5% of it)."""
+        remaining = seconds - self.elapsed() - min(self.reserve, 0.05 * seconds)
+        return step + max(0, math.floor(self.safety * remaining / self.seconds_per_step))
 
     def current_total(self, fallback: int) -> int:
         """The total for the LR schedule; `fallback` while still measuring."""

@@ -67,6 +67,11 @@ def add_common_arguments(parser: argparse.ArgumentParser, learning_rate: float) 
     add("--time-budget-minutes", type=float, default=None, help="wall-clock budget: after ~40 "
         "steps the step time fixes the total step count (and the LR schedule) so the run ends "
         "in time; the count is stored in checkpoints so resume is exact")
+    add("--min-steps", type=int, default=None, help="with --time-budget-minutes: train at least "
+        "this many steps when the budget's count is lower, as far as --time-limit-minutes allows "
+        "(for a stage that needs a number of steps to be useful on a slow machine)")
+    add("--time-limit-minutes", type=float, default=None, help="hard wall-clock cap for "
+        "--min-steps, >= --time-budget-minutes (default: the budget itself, so no stretching)")
     add("--gradient-accumulation-steps", type=int, default=1, help="micro-batches per step")
     add("--mixed-precision", default=None, help=f"one of {MIXED_PRECISION}; bf16 for GPUs. "
         "Default: `accelerate launch --mixed_precision` or the accelerate config, else fp32")
@@ -97,6 +102,7 @@ def add_common_arguments(parser: argparse.ArgumentParser, learning_rate: float) 
 def validate_common_arguments(args: argparse.Namespace) -> None:
     """ValueError naming the flag, its value and the allowed values."""
     require_positive(args, "batch_size", "learning_rate", "max_steps", "time_budget_minutes")
+    require_positive(args, "min_steps", "time_limit_minutes")
     require_positive(args, "gradient_accumulation_steps", "keep_checkpoints", "log_every")
     require_non_negative(args, "warmup_steps", "max_grad_norm", "checkpoint_every", "eval_every")
     require_non_negative(args, "image_every", "max_nonfinite_steps", "num_workers", "num_threads")
@@ -143,7 +149,13 @@ class Context:
 
 def make_context(args, accelerator, run, ema_model: torch.nn.Module | None) -> Context:
     """Budget, guard and (if --ema-decay > 0) the EMA of `ema_model` (the unwrapped model)."""
-    budget = StepBudget(args.time_budget_minutes, args.max_steps, started=run.started)
+    budget = StepBudget(
+        args.time_budget_minutes,
+        args.max_steps,
+        started=run.started,
+        min_steps=args.min_steps,
+        limit_minutes=args.time_limit_minutes,
+    )
     ema = EMA(ema_model, args.ema_decay) if args.ema_decay > 0 and ema_model is not None else None
     guard = NonFiniteGuard(args.max_nonfinite_steps)
     return Context(args, accelerator, run, budget, guard, ema, ema_model)
@@ -235,9 +247,11 @@ def train_loop(
         if ctx.budget.observe(ctx.state.step, ctx.accelerator):
             bar.total = ctx.budget.total_steps
             seconds, total = ctx.budget.seconds_per_step, ctx.budget.total_steps
+            floor = ctx.args.min_steps
             ctx.run.info(
                 f"time budget {ctx.args.time_budget_minutes} min: {seconds:.3f} s/step -> "
                 f"{total} steps in total"
+                + (f" (--min-steps {floor}, limit {ctx.budget.limit / 60:g} min)" if floor else "")
             )
         step = ctx.state.step
         if step % ctx.args.log_every == 0 or step == 1:

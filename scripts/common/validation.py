@@ -56,3 +56,17 @@ def require_steps(args: argparse.Namespace) -> None:
             "--max-steps and --time-budget-minutes are both unset; allowed: give one or both "
             "(e.g. --max-steps 2000 or --time-budget-minutes 5)"
         )
+    stretch = {"min_steps": args.min_steps, "time_limit_minutes": args.time_limit_minutes}
+    for name, value in stretch.items():
+        if value is not None and args.time_budget_minutes is None:
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(
+                f"{flag}={value} needs --time-budget-minutes; allowed: a budget with it, or drop "
+                f"{flag} (--max-steps alone fixes the step count)"
+            )
+    limit, budget = args.time_limit_minutes, args.time_budget_minutes
+    if limit is not None and limit < budget:
+        raise ValueError(
+            f"--time-limit-minutes={limit} is below --time-budget-minutes={budget}; allowed: a "
+            "limit >= the budget"
+        )
