@@ -425,18 +425,33 @@ def test_fp16_overflow_is_counted_and_holds_the_weight_ema():
 def test_curves_plot_the_logged_keys_and_skip_the_rest(tmp_path):
     """Series come from every line that has the key (a killed write's tail is ignored); a panel
     whose keys were never logged is left out, and no data at all writes no file."""
+    old_run = [json.dumps({"step": s, "loss": 9.0, "lr": 0.5}) for s in range(1, 80)]
     lines = [json.dumps({"step": s, "loss": 3.0 / s, "lr": 0.1}) for s in range(1, 41)]
-    lines += [json.dumps({"step": 40, "val_loss": 0.2}), '{"step": 41, "lo']
+    lines[4] = json.dumps({"step": 5, "loss": "nan", "lr": 0.1})  # non-finite: written as text
+    lines += [json.dumps({"step": 40, "val_loss": 0.2, "g": -1.0}), "[1, 2]", '{"loss": 1}']
+    lines += ['{"step": 41, "lo']
     metrics = tmp_path / "metrics.jsonl"
-    metrics.write_text("\n".join(lines))
+    metrics.write_text("\n".join(old_run + lines))  # a fresh run into a used folder
     series = read_series(metrics)
-    assert series["loss"][0] == list(range(1, 41)) and series["val_loss"] == ([40], [0.2])
-    panels = [Panel("loss", ("loss", "val_loss"), log_y=True), Panel("PSNR", ("val_psnr",)),
+    assert series["loss"][0] == [s for s in range(1, 41) if s != 5]  # only the latest run
+    assert series["val_loss"] == ([40], [0.2]) and series["lr"][1][0] == 0.1
+    panels = [Panel("loss", ("loss", "val_loss", "g"), log_y=True), Panel("PSNR", ("val_psnr",)),
               Panel("lr", ("lr",), smooth=False)]  # fmt: skip
     out = plot_curves(metrics, tmp_path / "curves.png", panels)
     assert out == tmp_path / "curves.png" and not list(tmp_path.glob("*.tmp*"))
-    pixels = np.asarray(Image.open(out).convert("RGB"))
+    with Image.open(out) as picture:
+        pixels = np.asarray(picture.convert("RGB"))
     assert pixels.shape == (320, 840, 3)  # two panels of 420 x 320: the PSNR one is left out
     assert (pixels.std(axis=(0, 1)) > 10).all()  # something was drawn on the white canvas
     assert plot_curves(metrics, tmp_path / "none.png", [Panel("PSNR", ("val_psnr",))]) is None
     assert not (tmp_path / "none.png").exists()
+
+
+def test_a_failed_curves_picture_is_a_warning_not_a_crash(tmp_path):
+    args = argparse.Namespace(output_dir=tmp_path, report_to="none")
+    run = RunFolder(Accelerator(cpu=True), args, "test")
+    run.log_metrics(1, {"loss": 1.0})
+    (tmp_path / "curves.png").mkdir()  # the picture cannot replace a folder
+    run.write_curves([Panel("loss", ("loss",))])
+    run.close()
+    assert "curves.png not written: IsADirectoryError" in (tmp_path / "train.log").read_text()

@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 import train_prior
-from PIL import Image
+from image_files import image_size
 from training_helpers import (
     PRIOR_ARGS,
     assert_same_weights,
@@ -43,8 +43,8 @@ def test_two_steps_then_resume(codes, tmp_path):
     flags = cli("--image-tokenizer", vqgan_dir, "--checkpoint-every 2 --ema-decay 0.9")
     train(codes_dir, out, "--max-steps 2 --report-to tensorboard", flags)
     assert list((out / "tensorboard").rglob("events.out.tfevents.*"))
-    grid = Image.open(out / "images" / "samples-00000002.png")
-    assert grid.size == (2 * (16 + 2) + 2, 16 + 4)  # 2 decoded 16 px samples, 2 px padding
+    grid_size = image_size(out / "images" / "samples-00000002.png")
+    assert grid_size == (2 * (16 + 2) + 2, 16 + 4)  # 2 decoded 16 px samples, 2 px padding
 
     job = train(codes_dir, out, "--max-steps 4 --resume", flags)
     assert job.ctx.state.step == 4 and "resumed from" in (out / "train.log").read_text()
@@ -52,7 +52,7 @@ def test_two_steps_then_resume(codes, tmp_path):
     assert [row["step"] for row in rows if "loss" in row] == [1, 2, 3, 4]
     val = [row["val_loss"] for row in rows if "val_loss" in row]
     assert len(val) == 2 and all(0 < loss < 2 * math.log(64) for loss in val)  # nats per token
-    assert Image.open(out / "curves.png").size == (840, 320)  # loss and lr panels
+    assert image_size(out / "curves.png") == (2 * 420, 320)  # loss and lr panels
     prior = Prior.from_pretrained(out / "final" / "prior")
     text = TextTokenizer.from_pretrained(out / "final" / "text_tokenizer")
     assert prior.config.codebook_size == 64 and tuple(prior.config.image_grid) == (4, 4)

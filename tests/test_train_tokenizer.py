@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 import train_tokenizer
-from PIL import Image
+from image_files import image_size
 from training_helpers import (
     TOKENIZER_ARGS,
     assert_same_weights,
@@ -54,7 +54,8 @@ def test_two_steps_then_resume(tmp_path):
     validation = [row for row in rows if "val_psnr" in row]
     assert [row["step"] for row in validation] == [2, 4]
     assert all(0 < row["val_usage"] <= 1 and row["val_psnr"] > 0 for row in validation)
-    assert Image.open(out / "curves.png").size == (1680, 320)  # losses, PSNR, perplexity, lr
+    # losses, GAN losses, PSNR, perplexity, lr: 420 x 320 each
+    assert image_size(out / "curves.png") == (5 * 420, 320)
     for folder in ("final", "best"):
         model = VQGAN.from_pretrained(out / folder)
         codes = model.encode(torch.zeros(1, 3, 16, 16))

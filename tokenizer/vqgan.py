@@ -179,9 +179,10 @@ _TAMING_F16 = VQGANConfig(
 # the same 3.9 CPU minutes they reached 30.2-32.4 dB against 28.6-30.3 dB, and the Shapes judge
 # found all attributes right on 78-85% of the reconstructions against 40%; 256 codes blotch the
 # colours of 8 objects x 3 backgrounds (docs/experiments.md, "What limits alignment here").
-# Its widths were picked by interleaved CPU runs at batch 64, Adam 1e-3: against ch=32 (1.0M params) and ch=16
-# with ch_mult (1, 2, 4) (0.75M) it reached the highest PSNR per step (23.0 dB at 500 steps) and ran
-# 1.4-2.8x faster per step, so it wins any fixed time budget; fewer GroupNorm groups did worse.
+# Its widths were picked by interleaved CPU runs at batch 64, Adam 1e-3: against ch=32 (1.0M
+# params) and ch=16 with ch_mult (1, 2, 4) (0.75M) it reached the highest PSNR per step (23.0 dB
+# at 500 steps) and ran 1.4-2.8x faster per step, so it wins any fixed time budget; fewer
+# GroupNorm groups did worse.
 # "cpu-tiny-classic" is the same network with taming's quantizer (codebook_dim = z_channels,
 # no l2, no restart): with GAN and perceptual weights 0 it is a plain VQ-VAE. The taming and
 # LlamaGen entries mirror the published 256 px models so converted checkpoints load one to one;

@@ -337,7 +337,9 @@ def load_image_caption_dataset(
     return ImageCaptionDataset(entries, names, reader, transform, report, options, seed, extras)
 
 
-def _stream(kind: str, value: Any, label: str, image_column, caption_column) -> Callable:
+def _stream(
+    kind: str, value: Any, label: str, image_column: str | None, caption_column: str | None
+) -> Callable:
     """The record stream of a streaming source: tar shards or a `datasets` source."""
     if kind == "dataset":
         image_column, caption_column = sources.find_columns(
@@ -349,7 +351,14 @@ def _stream(kind: str, value: Any, label: str, image_column, caption_column) -> 
     raise ValueError(f"streaming=True needs tar shards or a `datasets` source, not {label}")
 
 
-def _scan(kind: str, value: Any, label: str, image_column, caption_column, report: DataReport):
+def _scan(
+    kind: str,
+    value: Any,
+    label: str,
+    image_column: str | None,
+    caption_column: str | None,
+    report: DataReport,
+) -> tuple[list[Candidate], Callable, Any]:
     """(candidates, reader, extra columns or None) of a map-style source; what the scan itself
     skips (bad metadata lines, missing files) is counted in `report`."""
     if kind == "folder":

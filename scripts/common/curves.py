@@ -13,9 +13,7 @@ import os
 from pathlib import Path
 from typing import NamedTuple
 
-# The Figure class, not pyplot: no global backend or figure registry to set or to leak into
-# (the pattern matplotlib documents for web servers); savefig renders PNGs with Agg.
-from matplotlib.figure import Figure
+import numpy as np
 
 
 class Panel(NamedTuple):
@@ -24,13 +22,14 @@ class Panel(NamedTuple):
 
     title: str
     keys: tuple[str, ...]
-    log_y: bool = False
+    log_y: bool = False  # non-positive values are left out of a log axis
     smooth: bool = True
 
 
 # The panels of the two training jobs.
 TOKENIZER = [
-    Panel("losses", ("rec_loss", "quantizer_loss", "perceptual_loss", "g_loss", "d_loss"), True),
+    Panel("losses", ("rec_loss", "quantizer_loss", "perceptual_loss"), log_y=True),
+    Panel("GAN losses", ("g_loss", "d_loss")),  # a hinge generator loss is often negative
     Panel("validation PSNR (dB)", ("val_psnr",)),
     Panel("codebook perplexity", ("perplexity", "val_perplexity")),
     Panel("learning rate", ("lr",), smooth=False),
@@ -42,33 +41,45 @@ PRIOR = [
 
 
 def read_series(path: Path) -> dict[str, tuple[list[int], list[float]]]:
-    """{key: (steps, values)} of the finite numbers in a metrics.jsonl; lines that are not
-    JSON (the tail of a killed write) are ignored, as resume will drop them anyway."""
+    """{key: (steps, values)} of the finite numbers in a metrics.jsonl, of the latest run only.
+
+    Lines that are not a JSON object with a step (the tail of a killed write) are ignored, as
+    resume drops them anyway. A step lower than the line before it means a new run started from
+    scratch in the same folder (resume truncates, a fresh start does not): the series restart.
+    """
     series: dict[str, tuple[list[int], list[float]]] = {}
+    last_step = -math.inf
     for line in path.read_text(encoding="utf-8").splitlines():
         try:
             record = json.loads(line)
-        except json.JSONDecodeError:
+            step = int(record["step"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
             continue
+        if step < last_step:
+            series.clear()
+        last_step = step
         for key, value in record.items():
             if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
                 steps, values = series.setdefault(key, ([], []))
-                steps.append(int(record["step"]))
+                steps.append(step)
                 values.append(float(value))
     return series
 
 
-def _smooth(values: list[float], window: int) -> list[float]:
+def _smooth(values: list[float], window: int) -> np.ndarray:
     """Trailing mean over `window` points; the noisy per-step losses read better with it."""
-    out, total = [], 0.0
-    for i, value in enumerate(values):
-        total += value - (values[i - window] if i >= window else 0.0)
-        out.append(total / min(i + 1, window))
-    return out
+    total = np.cumsum(values)  # (N,)
+    total[window:] = total[window:] - total[:-window].copy()
+    return total / np.minimum(np.arange(1, len(values) + 1), window)
 
 
 def plot_curves(metrics_path: Path, out_path: Path, panels: list[Panel]) -> Path | None:
     """Write the panels that have data to `out_path` (atomically); None if none has."""
+    # The Figure class, not pyplot: no global backend or figure registry to set or leak into
+    # (the pattern matplotlib documents for web servers). Imported here, where it is used: it
+    # loads the font manager, which costs about half a second.
+    from matplotlib.figure import Figure
+
     series = read_series(metrics_path) if metrics_path.is_file() else {}
     shown = [panel for panel in panels if any(key in series for key in panel.keys)]
     if not shown:
@@ -86,8 +97,8 @@ def plot_curves(metrics_path: Path, out_path: Path, panels: list[Panel]) -> Path
                 line.set(
                     alpha=1.0, linewidth=1.5, label=key, marker="o" if len(values) < 20 else ""
                 )
-        if panel.log_y and all(min(series[k][1]) > 0 for k in panel.keys if k in series):
-            axis.set_yscale("log")
+        if panel.log_y:
+            axis.set_yscale("log", nonpositive="mask")
         axis.set(title=panel.title, xlabel="step")
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)

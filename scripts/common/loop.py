@@ -309,7 +309,8 @@ def finish_step(
 
     Returns the step's metrics averaged over ranks, plus lr, whether it was skipped and, under
     fp16, whether the GradScaler skipped an optimizer for overflowing gradients ("overflow";
-    the weight EMA is then not updated). Raises NonFiniteLossError after --max-nonfinite-steps
+    the weight EMA is then not updated, also when only the discriminator overflowed and the
+    generator did step: one missed EMA update costs less than averaging in a skipped one). Raises NonFiniteLossError after --max-nonfinite-steps
     skips in a row; overflows do not count, since the scaler backs off and goes on by design.
     """
     args, accelerator = ctx.args, ctx.accelerator

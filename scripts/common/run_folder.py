@@ -134,9 +134,14 @@ class RunFolder:
             self.accelerator.log(clean, step=step)
 
     def write_curves(self, panels: list[Panel]) -> None:
-        """Redraw OUTPUT/curves.png from metrics.jsonl (main process)."""
-        if self.is_main:
+        """Redraw OUTPUT/curves.png from metrics.jsonl (main process). A picture is not worth
+        a training run: a failure to draw it is logged as a warning, and training goes on."""
+        if not self.is_main:
+            return
+        try:
             plot_curves(self.path / METRICS, self.path / CURVES, panels)
+        except (OSError, ValueError) as error:
+            self.warning(f"{CURVES} not written: {type(error).__name__}: {error}")
 
     def truncate_metrics(self, after_step: int) -> None:
         """Drop metric lines with step > after_step (steps the resumed run repeats)."""
