@@ -4,6 +4,7 @@ run folder, optimizer groups and image grids (no training job runs here)."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import logging
@@ -28,7 +29,7 @@ from common.curves import Panel, plot_curves, read_series
 from common.ema import EMA
 from common.guards import NonFiniteGuard, NonFiniteLossError, StateSnapshot, locally_nonfinite
 from common.images import codes_to_images, tensor_grid
-from common.loop import Context, finish_step
+from common.loop import Context, TrainState, finish_step
 from common.optim import param_groups
 from common.run_folder import RunFolder
 from common.sampler import StepSampler
@@ -36,6 +37,8 @@ from common.schedule import warmup_cosine
 from PIL import Image
 from torch import nn
 from training_helpers import reset_process_state
+
+from codegrid.io import config_from_dict
 
 
 @pytest.fixture(autouse=True)
@@ -455,3 +458,11 @@ def test_a_failed_curves_picture_is_a_warning_not_a_crash(tmp_path):
     run.write_curves([Panel("loss", ("loss",))])
     run.close()
     assert "curves.png not written: IsADirectoryError" in (tmp_path / "train.log").read_text()
+
+
+def test_train_state_keeps_the_overflow_count_and_reads_older_checkpoints():
+    state = TrainState(step=7, overflow_steps=3, nonfinite={"total": 1})
+    saved = json.loads(json.dumps(dataclasses.asdict(state)))  # trainer_state.json
+    assert config_from_dict(TrainState, saved, source="test") == state
+    older = {key: value for key, value in saved.items() if key != "overflow_steps"}
+    assert config_from_dict(TrainState, older, source="test").overflow_steps == 0
