@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import multiprocessing
+import sys
 
 import numpy as np
 import pytest
@@ -458,6 +459,17 @@ def test_a_failed_curves_picture_is_a_warning_not_a_crash(tmp_path):
     run.write_curves([Panel("loss", ("loss",))])
     run.close()
     assert "curves.png not written: IsADirectoryError" in (tmp_path / "train.log").read_text()
+
+
+def test_curves_without_matplotlib_are_a_warning(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # import raises ImportError
+    args = argparse.Namespace(output_dir=tmp_path, report_to="none")
+    run = RunFolder(Accelerator(cpu=True), args, "test")
+    run.log_metrics(1, {"loss": 1.0})
+    run.write_curves([Panel("loss", ("loss",))])
+    run.close()
+    assert "pip install 'matplotlib>=3.7'" in (tmp_path / "train.log").read_text()
+    assert not (tmp_path / "curves.png").exists()
 
 
 def test_train_state_keeps_the_overflow_count_and_reads_older_checkpoints():

@@ -140,6 +140,8 @@ class RunFolder:
             return
         try:
             plot_curves(self.path / METRICS, self.path / CURVES, panels)
+        except ImportError as error:  # a dependency missing from a hand-made environment
+            self.warning(f"{CURVES} not written: {error}; pip install 'matplotlib>=3.7'")
         except (OSError, ValueError) as error:
             self.warning(f"{CURVES} not written: {type(error).__name__}: {error}")
 
