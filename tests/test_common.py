@@ -311,8 +311,8 @@ def test_budget_floor_raises_the_count_within_the_limit(
 ):
     clock = {"now": 100.0}
     monkeypatch.setattr(budget_module.time, "monotonic", lambda: clock["now"])
-    budget = StepBudget(minutes=1.0, max_steps=None, measure_steps=4, skip_steps=3, safety=1.0,
-                        reserve_seconds=0.0, min_steps=min_steps, limit_minutes=limit_minutes)  # fmt: skip
+    timing = dict(measure_steps=4, skip_steps=3, safety=1.0, reserve_seconds=0.0)
+    budget = StepBudget(1.0, None, min_steps=min_steps, limit_minutes=limit_minutes, **timing)
     for step in range(1, 8):
         clock["now"] += 5.0 if step <= 3 else 2.0  # as above: 23 s for 7 steps, then 2 s each
         budget.observe(step, Accelerator(cpu=True))

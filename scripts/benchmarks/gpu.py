@@ -13,7 +13,8 @@ Measures, on one CUDA device:
 The prior is the "B" preset (d_model 768, 12 layers, 12 heads, 16384 codes, 128 text tokens:
 LlamaGen GPT-B scale, 134.8M parameters with its 16384-code head); the tokenizer is taming's
 f16 architecture with 16384 codes. Only torch and this source tree are imported: no
-transformers, datasets or diffusers. `--smoke` shrinks every model so the same code runs on CPU in seconds.
+transformers, datasets or diffusers. `--smoke` shrinks every model so the same code runs on
+CPU in seconds.
 """
 
 from __future__ import annotations

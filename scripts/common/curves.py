@@ -15,6 +15,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+CURVES = "curves.png"  # the picture's name in a run folder
+
 
 class Panel(NamedTuple):
     """A subplot: `keys` of metrics.jsonl against the step; noisy per-step series are drawn
@@ -69,7 +71,7 @@ def read_series(path: Path) -> dict[str, tuple[list[int], list[float]]]:
 def _smooth(values: list[float], window: int) -> np.ndarray:
     """Trailing mean over `window` points; the noisy per-step losses read better with it."""
     total = np.cumsum(values)  # (N,)
-    total[window:] = total[window:] - total[:-window].copy()
+    total[window:] = total[window:] - total[:-window]  # the right side is a new array
     return total / np.minimum(np.arange(1, len(values) + 1), window)
 
 

@@ -7,6 +7,7 @@ import argparse
 import json
 from pathlib import Path
 
+from common.curves import CURVES
 from pipelines.data.judge import describe_by_size
 
 TARGETS = {"tokenizer_psnr_db": 30.0, "codebook_usage": 0.90}  # issue 5: what the demo should reach
@@ -103,5 +104,5 @@ def print_summary(metrics: dict, out: Path) -> None:
     times = ", ".join(f"{name} {value:.0f} s" for name, value in metrics["stage_seconds"].items())
     print(f"  stage times: {times}; total {metrics['total_seconds']:.0f} s")
     print(f"wrote {out / 'metrics.json'} and {out / 'grid.png'}")
-    curves = " and ".join(str(out / stage / "curves.png") for stage in ("tokenizer", "prior"))
+    curves = " and ".join(str(out / stage / CURVES) for stage in ("tokenizer", "prior"))
     print(f"training curves: {curves}")

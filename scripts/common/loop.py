@@ -247,11 +247,11 @@ def train_loop(
         if ctx.budget.observe(ctx.state.step, ctx.accelerator):
             bar.total = ctx.budget.total_steps
             seconds, total = ctx.budget.seconds_per_step, ctx.budget.total_steps
-            floor = ctx.args.min_steps
+            floor, limit = ctx.budget.min_steps, ctx.budget.limit / 60
             ctx.run.info(
                 f"time budget {ctx.args.time_budget_minutes} min: {seconds:.3f} s/step -> "
                 f"{total} steps in total"
-                + (f" (--min-steps {floor}, limit {ctx.budget.limit / 60:g} min)" if floor else "")
+                + (f" (--min-steps {floor}, limit {limit:g} min)" if floor else "")
             )
         step = ctx.state.step
         if step % ctx.args.log_every == 0 or step == 1:
@@ -310,8 +310,9 @@ def finish_step(
     Returns the step's metrics averaged over ranks, plus lr, whether it was skipped and, under
     fp16, whether the GradScaler skipped an optimizer for overflowing gradients ("overflow";
     the weight EMA is then not updated, also when only the discriminator overflowed and the
-    generator did step: one missed EMA update costs less than averaging in a skipped one). Raises NonFiniteLossError after --max-nonfinite-steps
-    skips in a row; overflows do not count, since the scaler backs off and goes on by design.
+    generator did step: one missed EMA update costs less than averaging in a skipped one).
+    Raises NonFiniteLossError after --max-nonfinite-steps skips in a row; overflows do not
+    count, since the scaler backs off and goes on by design.
     """
     args, accelerator = ctx.args, ctx.accelerator
     # With fp16 the GradScaler already skips steps whose gradients overflow; check only losses.

@@ -26,10 +26,9 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration
 
-from common.curves import Panel, plot_curves
+from common.curves import CURVES, Panel, plot_curves
 
 METRICS = "metrics.jsonl"
-CURVES = "curves.png"
 
 
 def _no_accelerator_device() -> bool:
