@@ -44,6 +44,7 @@ from tokenizer import PRESETS, VQGAN, VQGANConfig
 from tokenizer.losses import GAN_LOSSES, NLayerDiscriminator
 from tokenizer.modules import NORMS
 from tokenizer.quantize import RESTART_SOURCES
+from tokenizer.vqgan import ENCODERS
 
 QUANTIZER_FLAGS = {
     "quantizer": "quantizer",
@@ -61,6 +62,7 @@ QUANTIZER_FLAGS = {
     "fsq_levels": "fsq_levels",
     "mid_attention": "mid_attention",
     "norm": "norm",
+    "encoder": "encoder",
 }
 
 
@@ -88,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="'group': taming's GroupNorm, whose statistics span the whole image; 'channel': a "
         "LayerNorm over the channels of each position, so a code depends on its neighbourhood "
         "only (default: the preset's)")
+    add("--encoder", choices=ENCODERS, default=None,
+        help="'conv': taming's convolutional encoder (a code sees the whole image); 'patch': a "
+        "per-patch MLP, so a code depends on its own f x f patch only (default: the preset's)")
     add("--quantizer", default=None, help="'vq' or 'fsq' (default: the preset's)")
     add("--codebook-size", type=int, default=None, help="number of codes (vq)")
     add("--codebook-dim", type=int, default=None, help="code vector size (vq; 8 = LlamaGen)")

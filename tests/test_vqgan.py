@@ -12,7 +12,8 @@ from codegrid.io import config_from_dict
 from tokenizer import PRESETS, VQGAN, ImageTokenizer, VQGANConfig
 from tokenizer.modules import AttnBlock, ChannelNorm
 
-TINY = {
+TINY = {  # taming's encoder; the "patch-encoder" variant and the tests that name it switch
+    "encoder": "conv",
     "resolution": 16,
     "ch": 16,
     "ch_mult": (1, 2),
@@ -27,6 +28,7 @@ VARIANTS = {
     "l2-restart": {"l2_normalize": True, "restart_dead_codes": True},
     "ema": {"l2_normalize": False, "restart_dead_codes": True, "ema": True},
     "fsq": {"quantizer": "fsq", "fsq_levels": (4, 3, 3)},
+    "patch-encoder": {"encoder": "patch", "l2_normalize": True, "restart_dead_codes": True},
 }
 
 
@@ -130,6 +132,30 @@ def test_channel_norm_is_local_and_keeps_the_keys(tmp_path):
     assert loaded.config.norm == "channel" and torch.equal(loaded.encode(x), channel.encode(x))
     with pytest.raises(ValueError, match="norm='batch'"):
         tiny_config(norm="batch")
+
+
+@pytest.mark.parametrize("encoder", ["patch", "conv"])
+def test_patch_encoder_codes_see_only_their_own_patch(tmp_path, encoder):
+    """encoder="patch": a latent is a function of its own f x f patch, so changing pixels outside
+    a patch never changes its latent, and identical patches get identical codes. taming's
+    convolutional encoder (GroupNorm, mid attention) lets every pixel move every latent."""
+    model = tiny_model(encoder=encoder, attn_resolutions=()).eval()
+    f = model.downsample_factor
+    x = images(2)
+    changed = x.clone()
+    changed[:, :, f:, :] = -x[:, :, f:, :]  # every patch row but the first
+    with torch.no_grad():
+        moved = (model.encoder(changed) - model.encoder(x)).abs().amax(dim=(0, 1)) > 1e-6
+    assert moved[1:].all()  # (h, w): the changed rows moved
+    assert (not moved[0].any()) == (encoder == "patch")
+    if encoder == "conv":
+        return
+    flat = torch.full((1, 3, 16, 16), 0.3)  # one colour everywhere: one code everywhere
+    assert model.encode(flat).unique().numel() == 1
+    assert {"encoder.conv_in.weight", "encoder.blocks.0.fc1.weight"} <= set(model.state_dict())
+    model.save_pretrained(tmp_path / "vq")
+    loaded = VQGAN.from_pretrained(tmp_path / "vq")
+    assert loaded.config.encoder == "patch" and torch.equal(loaded.encode(x), model.encode(x))
 
 
 def test_inference_path_equals_the_autograd_path():
@@ -316,6 +342,7 @@ def test_config_json_round_trip_and_fsq_derivation():
         ({"attn_resolutions": (5,)}, r"attn_resolutions=\(5,\) .*\(32, 16, 8\)"),
         ({"ch_mult": ()}, "ch_mult"),
         ({"codebook_size": 1}, "codebook_size=1"),
+        ({"encoder": "vit"}, r"encoder='vit' .*\('conv', 'patch'\)"),
         ({"ema_decay": 1.0}, "ema_decay=1.0"),
         ({"fsq_levels": (4, 4)}, r"fsq_levels=\(4, 4\) .*quantizer='fsq'"),
         ({"quantizer": "fsq", "fsq_levels": (4, 4), "codebook_size": 10}, "codebook_size=10"),

@@ -235,6 +235,47 @@ class Encoder(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
+class PatchEncoder(nn.Module):
+    """Images (B, in_channels, H, W) -> latents (B, z_channels, H/f, W/f), each latent a function of
+    its own f x f patch only.
+
+    A patchify convolution (kernel = stride = f, as ViT's patch embedding, Dosovitskiy et al.
+    2021) followed by per-position residual MLP blocks (1x1 convolutions, `ChannelNorm`). The
+    receptive field of a code is exactly its patch: identical patches always get the same code,
+    whatever the rest of the image holds, so plain background has one code per colour and an
+    object's codes do not change with the object's other parts. The decoder keeps its full
+    receptive field and blends neighbouring codes.
+    """
+
+    def __init__(
+        self, *, in_channels: int, factor: int, hidden: int, num_blocks: int, z_channels: int
+    ) -> None:
+        super().__init__()
+        self.conv_in = nn.Conv2d(in_channels, hidden, factor, stride=factor)
+        self.blocks = nn.ModuleList(_PatchBlock(hidden) for _ in range(num_blocks))
+        self.norm_out = ChannelNorm(hidden)
+        self.conv_out = nn.Conv2d(hidden, z_channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv_in(x)  # (B, hidden, H/f, W/f)
+        for block in self.blocks:
+            h = block(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class _PatchBlock(nn.Module):
+    """Pre-norm residual MLP on each position: x + W2 silu(W1 norm(x)), hidden 2x wide."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.norm = ChannelNorm(channels)
+        self.fc1 = nn.Conv2d(channels, 2 * channels, 1)
+        self.fc2 = nn.Conv2d(2 * channels, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.fc2(F.silu(self.fc1(self.norm(x))))
+
+
 class Decoder(nn.Module):
     """Latents (B, z_channels, h, w) -> images (B, out_channels, h*f, w*f), unbounded (no tanh).
 
