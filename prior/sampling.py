@@ -81,28 +81,36 @@ def drop_captions(
 
 
 def prefill(
-    prior: Prior, text_ids: torch.Tensor, codes: torch.Tensor, cache: KVCache | None
+    prior: Prior,
+    text_ids: torch.Tensor,
+    codes: torch.Tensor,
+    cache: KVCache | None,
+    table: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Run [text][BOI][codes] from position 0 and return the logits for the next code.
 
     text_ids (R, T), codes (R, n) with 0 <= n < h*w -> fp32 logits (R, codebook_size). With a
     cache, keys and values of all T + 1 + n positions are stored; without one this is a plain
-    full forward (the no-cache reference).
+    full forward (the no-cache reference). `table`: `prior.image_table()`, if computed already.
     """
     boi = codes.new_full((codes.shape[0], 1), prior.boi_id)
-    inputs = prior.embed(text_ids, torch.cat([boi, codes], dim=1))  # (R, T + 1 + n, D)
+    table = prior.image_table() if table is None else table
+    inputs = prior.embed(text_ids, torch.cat([boi, codes], dim=1), table)  # (R, T + 1 + n, D)
     hidden = prior.backbone(inputs, 0, cache)  # (R, T + 1 + n, D)
-    return prior.image_logits(hidden[:, -1])  # (R, V)
+    return prior.image_logits(hidden[:, -1], table)  # (R, V)
 
 
-def decode_step(prior: Prior, codes: torch.Tensor, position: int, cache: KVCache) -> torch.Tensor:
+def decode_step(
+    prior: Prior, codes: torch.Tensor, position: int, cache: KVCache, table: torch.Tensor
+) -> torch.Tensor:
     """Feed one code per row, codes (R,) at sequence `position`, -> logits (R, codebook_size).
 
-    The code k of the grid sits at position text_length + 1 + k.
+    The code k of the grid sits at position text_length + 1 + k; `table` is
+    `prior.image_table()`, computed once per generate call.
     """
-    inputs = prior.image_embedding(codes[:, None])  # (R, 1, D)
+    inputs = F.embedding(codes[:, None], table)  # (R, 1, D)
     hidden = prior.backbone(inputs, position, cache)  # (R, 1, D)
-    return prior.image_logits(hidden[:, 0])  # (R, V)
+    return prior.image_logits(hidden[:, 0], table)  # (R, V)
 
 
 def sample_next(
@@ -264,22 +272,24 @@ def _cached_loop(prior, rows, codes, start, sampler, progress, compile_decode_st
         device=weight.device,
         dtype=dtype,
     )
-    repeats = rows.shape[0] // codes.shape[0]
-    logits = prefill(prior, rows, codes[:, :start].repeat(repeats, 1), cache)  # (R, V)
+    repeats, table = rows.shape[0] // codes.shape[0], prior.image_table()
+    logits = prefill(prior, rows, codes[:, :start].repeat(repeats, 1), cache, table)  # (R, V)
     for index in range(start, total):
         codes[:, index] = sampler(logits, index - start)
         if progress is not None:
             progress(index + 1 - start, total - start)
         if index + 1 < total:
             position = cfg.text_length + 1 + index
-            logits = step(prior, codes[:, index].repeat(repeats), position, cache)  # (R, V)
+            row_codes = codes[:, index].repeat(repeats)  # (R,)
+            logits = step(prior, row_codes, position, cache, table)  # (R, V)
 
 
 def _uncached_loop(prior, rows, codes, start, sampler, progress, compile_decode_step) -> None:
     """Fill codes[:, start:] in place, recomputing the whole sequence for every code."""
     total, repeats = codes.shape[1], rows.shape[0] // codes.shape[0]
+    table = prior.image_table()
     for index in range(start, total):
-        logits = prefill(prior, rows, codes[:, :index].repeat(repeats, 1), None)  # (R, V)
+        logits = prefill(prior, rows, codes[:, :index].repeat(repeats, 1), None, table)  # (R, V)
         codes[:, index] = sampler(logits, index - start)
         if progress is not None:
             progress(index + 1 - start, total - start)

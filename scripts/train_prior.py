@@ -31,6 +31,7 @@ import torch
 from accelerate.utils import set_seed
 from common import curves, loop
 from common import validation as checks
+from common.code_features import mean_decoded_patches
 from common.evaluation import image_token_loss
 from common.faults import fires, kill_point
 from common.images import codes_to_images, save_png, tensor_grid
@@ -44,6 +45,7 @@ from pipelines.data.decode import DataReport
 from prior import PRESETS, Prior, PriorConfig, TextTokenizer, drop_captions, generate
 
 IDENTITY_FILE = "image_tokenizer_identity.json"
+CODE_FEATURES = ("none", "patches")
 TEXT_TOKENIZER_DIR = "text_tokenizer"
 ARCHITECTURE_FLAGS = (
     "d_model",
@@ -82,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="image head = the image embedding's code rows (default: the preset's; cpu-tiny ties)")
     add("--text-loss-weight", type=float, default=None, help="0 (default) skips the text "
         "logits entirely, which keeps the step lean; DALL-E used 1/8")
+    add("--code-features", choices=CODE_FEATURES, default="none", help="'patches': embed each "
+        "code also by its mean decoded patch (needs --image-tokenizer; helps a prior compose "
+        "colours and shapes it never saw together, docs/experiments.md); 'none': free "
+        "embedding rows only")
     add("--caption-dropout", type=float, default=0.1, help="null-caption probability (CFG)")
     add("--weight-decay", type=float, default=0.05, help="AdamW decay of matrices only")
     add("--adam-beta1", type=float, default=0.9, help="AdamW beta1")
@@ -121,6 +127,11 @@ def validate_args(args: argparse.Namespace) -> None:
         raise ValueError(
             f"--text-length={args.text_length} is invalid; allowed: an integer >= 3 (BOS and EOS "
             "take 2 tokens, plus at least 1 caption token)"
+        )
+    if args.code_features != "none" and args.image_tokenizer is None:
+        raise ValueError(
+            f"--code-features={args.code_features} decodes the codes and needs --image-tokenizer "
+            "(the folder that made them); pass it or use --code-features none"
         )
 
 
@@ -207,8 +218,14 @@ def to_tensors(dataset: Any, tokenizer: TextTokenizer) -> tuple[torch.Tensor, to
     return tokenizer(list(dataset["caption"])), codes
 
 
-def build_prior(args: argparse.Namespace, meta: dict, tokenizer: TextTokenizer) -> Prior:
-    """The prior sized for these codes and this text tokenizer."""
+def build_prior(
+    args: argparse.Namespace,
+    meta: dict,
+    tokenizer: TextTokenizer,
+    features: torch.Tensor | None = None,
+) -> Prior:
+    """The prior sized for these codes and this text tokenizer, with `features` (V, F) as its
+    code features when given."""
     overrides = {
         name: getattr(args, name) for name in ARCHITECTURE_FLAGS if getattr(args, name) is not None
     }
@@ -216,8 +233,12 @@ def build_prior(args: argparse.Namespace, meta: dict, tokenizer: TextTokenizer) 
         codebook_size=int(meta["codebook_size"]), image_grid=tuple(meta["latent_shape"])
     )
     text = dict(text_vocab_size=tokenizer.vocab_size, text_length=tokenizer.text_length)
+    if features is not None:
+        overrides["code_feature_dim"] = features.shape[1]
     config = PriorConfig.from_preset(args.preset, text_pad_id=tokenizer.pad_id, **text, **overrides)
     model = Prior(config)
+    if features is not None:
+        model.code_features.features.copy_(features)
     model.gradient_checkpointing = args.gradient_checkpointing
     return model
 
@@ -227,7 +248,15 @@ def setup(args: argparse.Namespace, accelerator, run: RunFolder) -> Job:
     identity, image_tokenizer = expected_identity(args, run)
     train, val, meta = load_splits(args, run, identity)
     tokenizer = text_tokenizer_for(args, accelerator, list(train["caption"]))
-    model = build_prior(args, meta, tokenizer)
+    if hasattr(image_tokenizer, "to"):  # an nn.Module; other ImageTokenizer kinds may not be
+        image_tokenizer = image_tokenizer.to(accelerator.device).eval()
+    features = None
+    if args.code_features == "patches":
+        codes = train.with_format("torch", columns=["codes"])[:]["codes"].long()  # (N, h, w)
+        size, device = int(meta["codebook_size"]), accelerator.device
+        features = mean_decoded_patches(image_tokenizer, codes, size, device)
+        run.info(f"code features: mean decoded patches over {len(codes)} training grids")
+    model = build_prior(args, meta, tokenizer, features)
     adam = dict(betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
     optimizer = adamw(model, args.learning_rate, args.weight_decay, **adam)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -237,8 +266,6 @@ def setup(args: argparse.Namespace, accelerator, run: RunFolder) -> Job:
         f"{accelerator.unwrap_model(model).num_parameters()} parameters"
     )
     prompts = args.sample_prompts or list(val["caption"][: args.num_sample_prompts])
-    if hasattr(image_tokenizer, "to"):  # an nn.Module; other ImageTokenizer kinds may not be
-        image_tokenizer = image_tokenizer.to(accelerator.device).eval()
     data = to_tensors(train, tokenizer), to_tensors(val, tokenizer)
     return Job(ctx, model, optimizer, tokenizer, *data, prompts, image_tokenizer=image_tokenizer)
 

@@ -26,6 +26,9 @@ def make_prior(**overrides) -> Prior:
     for module in model.modules():
         if isinstance(module, Projection | nn.Embedding):
             nn.init.normal_(module.weight, std=0.3)
+    if model.code_features is not None:  # code features are data, not weights: random here
+        generator = torch.Generator().manual_seed(7)
+        model.code_features.features.uniform_(-1, 1, generator=generator)
     return model.eval()
 
 

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from prior_helpers import TINY, make_prior, random_batch
 
 from prior import PRESETS, Prior, PriorConfig, drop_captions
@@ -45,6 +46,7 @@ def test_llamagen_b_size_and_tiny_size():
         (dict(codebook_size=0), "codebook_size"),
         (dict(image_loss_weight=0.0), "image_loss_weight"),
         (dict(text_loss_weight=-1.0), "text_loss_weight"),
+        (dict(code_feature_dim=-1), "code_feature_dim"),
     ],
 )
 def test_config_validation_names_field_and_value(overrides, field):
@@ -111,7 +113,14 @@ def sequence_hidden(model: Prior, text: torch.Tensor, codes: torch.Tensor) -> to
     return model.backbone(model.embed(text, inputs))  # (B, T + N, D)
 
 
-@pytest.mark.parametrize("config", [dict(), dict(norm="layernorm", mlp="gelu")])
+@pytest.mark.parametrize(
+    "config",
+    [
+        dict(),
+        dict(norm="layernorm", mlp="gelu"),
+        dict(tie_image_embeddings=True, code_feature_dim=5),
+    ],
+)
 @pytest.mark.parametrize("position", [2, 5, 7, 9, 17])
 def test_causality_future_tokens_never_change_past(config, position):
     """Changing the input at sequence index `position` leaves every earlier output bit-exact
@@ -202,9 +211,41 @@ def test_dropout_only_in_training_mode():
     assert model(text, codes).loss.item() != model(text, codes).loss.item()
 
 
+def test_code_features_add_an_mlp_of_each_codes_features_to_its_rows():
+    """With code_feature_dim, a code's embedding row (input and tied head alike) is its free row
+    plus MLP(features); codes with equal features and equal free rows get equal logits, BOI gets
+    no feature term, and the MLP learns through the loss."""
+    model = make_prior(tie_image_embeddings=True, code_feature_dim=5)
+    features = model.code_features.features
+    features[3] = features[4]
+    with torch.no_grad():
+        model.image_embedding.weight[3] = model.image_embedding.weight[4]
+    table = model.image_table()  # (V + 1, D)
+    embedded = model.code_features.down(F.gelu(model.code_features.up(features)))
+    torch.testing.assert_close(table[:24], model.image_embedding.weight[:24] + embedded)
+    torch.testing.assert_close(table[24], model.image_embedding.weight[24])  # BOI
+    hidden = torch.randn(5, model.config.d_model)
+    logits = model.image_logits(hidden)
+    torch.testing.assert_close(logits, hidden @ table[:24].T)
+    torch.testing.assert_close(logits[:, 3], logits[:, 4])
+    text, codes = random_batch(model.config)
+    model(text, codes).image_loss.backward()
+    assert model.code_features.up.weight.grad.abs().sum() > 0
+    assert "code_features.features" in model.state_dict()  # saved with the weights
+    fresh = Prior(PriorConfig(**TINY, tie_image_embeddings=True, code_feature_dim=5))
+    rows = fresh.image_embedding.weight
+    assert rows[:24].abs().sum() == 0 and rows[24].abs().sum() > 0  # codes start as features
+
+
 @pytest.mark.parametrize("tie", [False, True])
-def test_save_and_from_pretrained_round_trip(tmp_path, tie):
-    model = make_prior(text_loss_weight=0.1, norm="layernorm", tie_image_embeddings=tie)
+@pytest.mark.parametrize("feature_dim", [0, 5])
+def test_save_and_from_pretrained_round_trip(tmp_path, tie, feature_dim):
+    model = make_prior(
+        text_loss_weight=0.1,
+        norm="layernorm",
+        tie_image_embeddings=tie,
+        code_feature_dim=feature_dim,
+    )
     text, codes = random_batch(model.config)
     model.save_pretrained(tmp_path / "prior")
     loaded = Prior.from_pretrained(tmp_path / "prior")

@@ -41,7 +41,12 @@ def model():
 
 @pytest.mark.parametrize(
     "config",
-    [dict(), dict(norm="layernorm", mlp="gelu", num_layers=3), dict(tie_image_embeddings=True)],
+    [
+        dict(),
+        dict(norm="layernorm", mlp="gelu", num_layers=3),
+        dict(tie_image_embeddings=True),
+        dict(tie_image_embeddings=True, code_feature_dim=5),
+    ],
 )
 @pytest.mark.parametrize("prefix", [0, 5])
 def test_kv_cache_logits_equal_full_forward_at_every_step(config, prefix):
@@ -52,9 +57,10 @@ def test_kv_cache_logits_equal_full_forward_at_every_step(config, prefix):
     codes = codes.flatten(1)
     full = model(text, codes).image_logits  # (B, N, V); entry j predicts code j
     cache = new_cache(model, rows=3)
-    steps = [prefill(model, text, codes[:, :prefix], cache)]
+    steps, table = [prefill(model, text, codes[:, :prefix], cache)], model.image_table()
     for k in range(prefix, model.config.num_image_tokens - 1):
-        steps.append(decode_step(model, codes[:, k], model.config.text_length + 1 + k, cache))
+        position = model.config.text_length + 1 + k
+        steps.append(decode_step(model, codes[:, k], position, cache, table))
     for offset, logits in enumerate(steps):
         expected = full[:, prefix + offset]
         torch.testing.assert_close(logits, expected, atol=1e-5, rtol=0)

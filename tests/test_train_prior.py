@@ -62,6 +62,26 @@ def test_two_steps_then_resume(codes, tmp_path):
     assert identity == VQGAN.from_pretrained(vqgan_dir).identity()
 
 
+def test_code_features_are_the_tokenizers_mean_decoded_patches(codes, tmp_path):
+    """--code-features patches: the prior's feature buffer holds each code's mean decoded patch
+    over the training codes (computed once, saved with the weights and loaded back)."""
+    from common.code_features import mean_decoded_patches
+    from pipelines.data.codes import load_codes
+
+    codes_dir, vqgan_dir = codes
+    out = tmp_path / "run"
+    flags = cli("--image-tokenizer", vqgan_dir, "--code-features patches")
+    job = train(codes_dir, out, "--max-steps 2", flags)
+    assert "code features: mean decoded patches over" in (out / "train.log").read_text()
+    prior = Prior.from_pretrained(out / "final" / "prior")
+    assert prior.config.code_feature_dim == 3 * 4 * 4  # 16 px images, 4 x 4 codes: f = 4
+    train_codes = load_codes(codes_dir, "train").with_format("torch", columns=["codes"])
+    grids = train_codes[: len(job.train[1])]["codes"].long()
+    expected = mean_decoded_patches(VQGAN.from_pretrained(vqgan_dir), grids, 64)
+    torch.testing.assert_close(prior.code_features.features, expected)
+    assert expected.abs().sum() > 0
+
+
 def test_codes_of_another_tokenizer_are_refused(codes, tmp_path):
     codes_dir, _ = codes
     torch.manual_seed(1)
@@ -80,6 +100,7 @@ def test_codes_of_another_tokenizer_are_refused(codes, tmp_path):
         ("--text-length 2", "--text-length=2 is invalid; allowed: an integer >= 3"),
         ("--caption-dropout 1.5", r"--caption-dropout=1.5 is invalid; allowed: a number in \[0,"),
         ("--text-model-type wordpiece", r"--text-model-type='wordpiece'.*'bpe'"),
+        ("--code-features patches", r"--code-features=patches decodes the codes and needs --im"),
     ],
 )
 def test_bad_arguments_name_flag_value_and_allowed(tmp_path, extra, message):
