@@ -102,13 +102,13 @@ def train_settings(args: argparse.Namespace) -> dict:
     cpu = args.device == "cpu"
     # Small batches win on 2 cores: at equal images seen, batch 32 reached the PSNR / validation
     # loss of batch 64 or better, at half the cost per step (measured for this demo). The prior
-    # gains from more steps too: on one demo's codes, 4.2 minutes at batch 16 / lr 2e-3 (1507
-    # steps) drew all attributes right for 32.0% of seen test prompts, against 22.0% at batch
-    # 32 / lr 3e-3 (772 steps) and 27.0% at batch 8 / lr 1.4e-3 (2500 steps); on another
-    # demo's codes batch 16 and 32 were equal (28.5% and 30.0%; docs/experiments.md).
+    # gains from more steps too (batch 16 against 32 and 8 with taming's encoder). On the patch
+    # encoder's codes with code features, 2837 steps at batch 16 drew 87.0% / 48.0% of seen /
+    # held-out test prompts all right at lr 1e-3, against 81.5% / 46.0% at 5e-4, 75.0% / 34.5%
+    # at 2e-3 and 53.0% / 8.5% at 4e-3 (docs/experiments.md). The GPU rate is untested.
     tokenizer_batch = args.tokenizer_batch_size or (32 if cpu else 256)
     prior_batch = args.prior_batch_size or (16 if cpu else 256)
-    prior_lr = "2e-3" if cpu else "3e-3"
+    prior_lr = "1e-3" if cpu else "3e-3"
     # L2 beat L1 by about 4 dB (29.4 vs 25.1 dB at equal steps): PSNR is an L2 measure, and the
     # small objects are a few percent of the pixels. With the patch encoder, at 2097 steps, lr
     # 4e-3 and the edge-weighted loss kept the shape of 82% of small objects in the judge's eyes
