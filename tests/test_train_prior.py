@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 import train_prior
+from common.code_features import mean_decoded_patches
 from image_files import image_size
 from training_helpers import (
     PRIOR_ARGS,
@@ -20,6 +21,7 @@ from training_helpers import (
     run_two_ranks,
 )
 
+from pipelines.data.codes import load_codes
 from prior import Prior, TextTokenizer
 from tokenizer import VQGAN, VQGANConfig
 
@@ -65,9 +67,6 @@ def test_two_steps_then_resume(codes, tmp_path):
 def test_code_features_are_the_tokenizers_mean_decoded_patches(codes, tmp_path):
     """--code-features patches: the prior's feature buffer holds each code's mean decoded patch
     over the training codes (computed once, saved with the weights and loaded back)."""
-    from common.code_features import mean_decoded_patches
-    from pipelines.data.codes import load_codes
-
     codes_dir, vqgan_dir = codes
     out = tmp_path / "run"
     flags = cli("--image-tokenizer", vqgan_dir, "--code-features patches")

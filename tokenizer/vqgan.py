@@ -48,7 +48,9 @@ class VQGANConfig:
     counts); entropy_weight > 0 adds the entropy penalty at softmax temperature
     entropy_temperature. `encoder`: "conv" is taming's encoder, whose codes see the whole
     image; "patch" (`tokenizer.modules.PatchEncoder`) makes each code a function of its own
-    f x f patch. The defaults are the "cpu-tiny" preset but for its patch encoder.
+    f x f patch, with a width of 4 * ch * ch_mult[-1] and num_res_blocks + 1 MLP blocks
+    (attn_resolutions, mid_attention and norm then shape the decoder only). The defaults are
+    the "cpu-tiny" preset but for its encoder and restarts.
     """
 
     resolution: int = 32
@@ -188,9 +190,9 @@ _TAMING_F16 = VQGANConfig(
 # 22-32% for taming's encoder in earlier demo runs. Random restarts then land mostly on plain
 # background, whose code exists already, and leave codes dead (usage 78%); restarts at the
 # largest errors kept 97% in use and sharpened small objects (docs/experiments.md, "The patch
-# encoder"). 1024 codes, not 256: 256 blotch the colours of 8 objects x 3 backgrounds. The widths (ch 16, ch_mult (1, 2, 2)) were picked with taming's
-# encoder by interleaved CPU runs: against ch=32 and ch_mult (1, 2, 4) they reached the highest
-# PSNR per second.
+# encoder"). 1024 codes, not 256: 256 blotch the colours of 8 objects x 3 backgrounds. The
+# widths (ch 16, ch_mult (1, 2, 2)) were picked with taming's encoder by interleaved CPU runs:
+# against ch=32 and ch_mult (1, 2, 4) they reached the highest PSNR per second.
 # "cpu-tiny-classic" is the same network with taming's quantizer (codebook_dim = z_channels,
 # no l2, no restart): with GAN and perceptual weights 0 it is a plain VQ-VAE. The taming and
 # LlamaGen entries mirror the published 256 px models so converted checkpoints load one to one;
