@@ -250,9 +250,10 @@ def setup(args: argparse.Namespace, accelerator, run: RunFolder) -> Job:
     tokenizer = text_tokenizer_for(args, accelerator, list(train["caption"]))
     if hasattr(image_tokenizer, "to"):  # an nn.Module; other ImageTokenizer kinds may not be
         image_tokenizer = image_tokenizer.to(accelerator.device).eval()
+    data = to_tensors(train, tokenizer), to_tensors(val, tokenizer)
     features = None
     if args.code_features == "patches":
-        codes = train.with_format("torch", columns=["codes"])[:]["codes"].long()  # (N, h, w)
+        codes = data[0][1]  # (N, h, w) training codes
         size, device = int(meta["codebook_size"]), accelerator.device
         features = mean_decoded_patches(image_tokenizer, codes, size, device)
         run.info(f"code features: mean decoded patches over {len(codes)} training grids")
@@ -266,7 +267,6 @@ def setup(args: argparse.Namespace, accelerator, run: RunFolder) -> Job:
         f"{accelerator.unwrap_model(model).num_parameters()} parameters"
     )
     prompts = args.sample_prompts or list(val["caption"][: args.num_sample_prompts])
-    data = to_tensors(train, tokenizer), to_tensors(val, tokenizer)
     return Job(ctx, model, optimizer, tokenizer, *data, prompts, image_tokenizer=image_tokenizer)
 
 
