@@ -117,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
         "other data: read only the first N candidates")
     add("--num-val-samples", type=int, default=256, help="validation images")
     add("--flip", action="store_true", help="random horizontal flips of training images")
+    add("--channel-shuffle", type=float, default=0.0, help="probability of permuting a training "
+        "image's RGB channels (0: off); more colours per shape for the tokenizer, grays kept "
+        "(docs/experiments.md)")
     add("--reconstruction", default="l1", help="'l1' (taming) or 'l2'")
     add("--edge-weight", type=float, default=0.0, help="extra weight on the reconstruction "
         "error near edges, e.g. 1 (0: off); sharper small objects (docs/experiments.md)")
@@ -164,6 +167,7 @@ def validate_args(args: argparse.Namespace) -> None:
     checks.require_positive(args, "disc_layers", "disc_channels", "disc_learning_rate")
     checks.require_non_negative(args, "perceptual_weight", "disc_weight", "lecam_weight")
     checks.require_non_negative(args, "edge_weight")
+    checks.require_fraction(args, "channel_shuffle")
     checks.require_non_negative(args, "disc_start", "disc_warmup_steps", "weight_decay")
     if args.disc_weight > 0 and args.resolution < 3 * 2**args.disc_layers:
         most = max(1, (args.resolution // 3).bit_length() - 1)
@@ -218,7 +222,12 @@ def load_data(args: argparse.Namespace, run: RunFolder) -> tuple[Any, Any]:
     """Train and validation datasets of (3, R, R) images in [-1, 1]; skips are logged."""
     common = dict(resolution=args.resolution, seed=args.seed, distributed=True)
     train = load_image_caption_dataset(
-        args.data, split="train", flip=args.flip, num_samples=args.num_train_samples, **common
+        args.data,
+        split="train",
+        flip=args.flip,
+        channel_shuffle=args.channel_shuffle,
+        num_samples=args.num_train_samples,
+        **common,
     )
     try:
         val = load_image_caption_dataset(

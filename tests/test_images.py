@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import tarfile
 import warnings
@@ -96,9 +97,55 @@ def test_transform_random_crop_and_flip_are_seeded():
     assert all(torch.equal(out, plain) or torch.equal(out, plain.flip(-1)) for out in flips)
 
 
-@pytest.mark.parametrize("kwargs", [{"resolution": 0}, {"resolution": 16, "crop": "middle"}])
+def test_channel_shuffle_permutes_channels_keeps_grays_and_is_seeded():
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (16, 16, 3), np.uint8)
+    pixels[:4] = 128  # a gray band: every channel order leaves it as it is
+    image, plain = Image.fromarray(pixels), ImageTransform(16)(Image.fromarray(pixels))
+    shuffle = ImageTransform(16, channel_shuffle=1.0)
+    outs = [shuffle(image, torch.Generator().manual_seed(seed)) for seed in range(24)]
+    again = [shuffle(image, torch.Generator().manual_seed(seed)) for seed in range(24)]
+    assert all(torch.equal(a, b) for a, b in zip(outs, again))
+    orders = list(itertools.permutations(range(3)))
+    found = set()
+    for out in outs:
+        matches = [order for order in orders if torch.equal(out, plain[list(order)])]
+        assert len(matches) == 1  # each output is exactly one reordering of the channels
+        found.add(matches[0])
+        assert torch.equal(out[:, :4], plain[:, :4])
+    assert len(found) == 6  # all six orders occur, the identity included
+    never = ImageTransform(16, channel_shuffle=0.0)
+    assert all(torch.equal(never(image, torch.Generator().manual_seed(s)), plain) for s in range(4))
+
+
+def test_loader_applies_channel_shuffle_to_the_split_it_is_given():
+    """`load_image_caption_dataset(channel_shuffle=...)` reaches the transform: every item is a
+    reordering of the plain item's channels, the Shapes backgrounds (grays) stay, and some
+    items change."""
+    plain = load_image_caption_dataset("shapes", resolution=16, num_samples=12)
+    shuffled = load_image_caption_dataset("shapes", resolution=16, num_samples=12,
+                                          channel_shuffle=1.0)  # fmt: skip
+    orders = list(itertools.permutations(range(3)))
+    changed = 0
+    for index in range(12):
+        a, b = plain[index]["image"], shuffled[index]["image"]
+        assert any(torch.equal(b, a[list(order)]) for order in orders)
+        assert torch.equal(a[:, 0, 0], b[:, 0, 0])  # the corner is background: a gray
+        changed += not torch.equal(a, b)
+    assert changed > 0
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"resolution": 0},
+        {"resolution": 16, "crop": "middle"},
+        {"resolution": 16, "channel_shuffle": 1.5},
+        {"resolution": 16, "channel_shuffle": -0.1},
+    ],
+)
 def test_transform_rejects_bad_arguments(kwargs):
-    with pytest.raises(ValueError, match=r"resolution|crop"):
+    with pytest.raises(ValueError, match=r"resolution|crop|channel_shuffle"):
         ImageTransform(**kwargs)
 
 

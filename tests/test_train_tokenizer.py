@@ -75,6 +75,7 @@ def test_two_steps_then_resume(tmp_path):
         ("--ema-decay 1.0", r"--ema-decay=1.0 is invalid; allowed: a number in \[0, 1\)"),
         ("--disc-layers 3", "--disc-layers=3 is invalid for --resolution 16; allowed: at most 2"),
         ("--edge-weight -1", "--edge-weight=-1.0 is invalid"),
+        ("--channel-shuffle 1.5", r"--channel-shuffle=1.5 is invalid; allowed: a number in \[0,"),
         ("--min-steps 0", "--min-steps=0 is invalid; allowed: a number > 0"),
         ("--min-steps 10", "--min-steps=10 needs --time-budget-minutes"),
         ("--time-budget-minutes 2 --time-limit-minutes 1", "--time-limit-minutes=1.0 is below"),

@@ -83,22 +83,32 @@ __all__ = [
 
 @dataclass
 class ImageTransform:
-    """PIL RGB -> FloatTensor (3, R, R) in [-1, 1]: resize, crop, optional random flip.
+    """PIL RGB -> FloatTensor (3, R, R) in [-1, 1]: resize, crop, optional random flip and
+    colour-channel shuffle.
 
     The shorter side is resized to `resolution` (up or down, bicubic), then a square is cut out
     (`crop` "center" or "random"). `flip=True` mirrors with probability 1/2, for training only.
+    `channel_shuffle=p` permutes the RGB channels with probability p (a uniformly random one of
+    the six orders, identity included), for an image tokenizer's training only: it shows the
+    tokenizer every shape in more colours, and it leaves grays (black, white) unchanged. A
+    prior must not see it, since the caption would no longer name the colour.
     Randomness comes only from `generator`, so a seeded generator gives the same output.
     """
 
     resolution: int
     crop: str = "center"
     flip: bool = False
+    channel_shuffle: float = 0.0
 
     def __post_init__(self):
         if not isinstance(self.resolution, int) or self.resolution <= 0:
             raise ValueError(f"resolution={self.resolution!r}: use a positive int, e.g. 32")
         if self.crop not in ("center", "random"):
             raise ValueError(f"crop={self.crop!r}: use 'center' or 'random'")
+        if not 0.0 <= self.channel_shuffle <= 1.0:
+            raise ValueError(
+                f"channel_shuffle={self.channel_shuffle!r}: use a probability in [0, 1] (0: off)"
+            )
 
     def __call__(
         self, image: Image.Image, generator: torch.Generator | None = None
@@ -119,6 +129,8 @@ class ImageTransform:
         if self.flip and bool(torch.rand(1, generator=generator) < 0.5):
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         pixels = torch.from_numpy(np.array(image, dtype=np.uint8))  # (R, R, 3)
+        if self.channel_shuffle and bool(torch.rand(1, generator=generator) < self.channel_shuffle):
+            pixels = pixels[..., torch.randperm(3, generator=generator)]  # (R, R, 3) reordered
         return pixels.permute(2, 0, 1).float() / 127.5 - 1.0  # (3, R, R) in [-1, 1]
 
 
@@ -274,6 +286,7 @@ def load_image_caption_dataset(
     resolution: int = 32,
     crop: str = "center",
     flip: bool = False,
+    channel_shuffle: float = 0.0,
     transform: ImageTransform | None = None,
     image_column: str | None = None,
     caption_column: str | None = None,
@@ -293,7 +306,8 @@ def load_image_caption_dataset(
             folder of shards or a glob; a `save_to_disk` folder; a `datasets.Dataset`,
             `DatasetDict` or `IterableDataset`; or a Hub dataset name (needs the network).
         split: the split to read ("train", "validation", ...).
-        resolution, crop, flip: the default `ImageTransform` (ignored when `transform` given).
+        resolution, crop, flip, channel_shuffle: the default `ImageTransform` (ignored when
+            `transform` is given).
         num_samples: Shapes: how many to generate; other sources: only the first
             `num_samples` candidates are read.
         seed: Shapes' seed and the seed of random crops and flips.
@@ -308,7 +322,7 @@ def load_image_caption_dataset(
     """
     if missing_caption not in ("null", "skip"):
         raise ValueError(f"missing_caption={missing_caption!r}: use 'null' or 'skip'")
-    transform = transform or ImageTransform(resolution, crop, flip)
+    transform = transform or ImageTransform(resolution, crop, flip, channel_shuffle)
     options = DecodeOptions(tuple(background), max_pixels, min_size)
     kind, value, label = sources.resolve_source(source, split, streaming, num_samples, seed,
                                                 resolution)  # fmt: skip
