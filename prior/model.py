@@ -29,7 +29,8 @@ from codegrid.io import (
     save_model_folder,
 )
 from prior.cache import KVCache
-from prior.rope import apply_rope, rope_table
+from prior.layers import Block, CodeFeatureEmbedding, Projection, apply_dropout, make_norm
+from prior.rope import rope_table
 
 MLP_KINDS = ("swiglu", "gelu")
 NORM_KINDS = ("rmsnorm", "layernorm")
@@ -175,116 +176,6 @@ class PriorOutput(NamedTuple):
     image_logits: torch.Tensor
 
 
-def _norm(config: PriorConfig) -> nn.Module:
-    if config.norm == "rmsnorm":
-        return nn.RMSNorm(config.d_model, eps=config.norm_eps)
-    return nn.LayerNorm(config.d_model, eps=config.norm_eps)
-
-
-def _dropout(x: torch.Tensor, p: float) -> torch.Tensor:
-    return F.dropout(x, p=p, training=True) if p > 0 else x
-
-
-class Projection(nn.Module):
-    """`x @ weight` with the weight stored (in_features, out_features), the layout of GPT-2's
-    Conv1D. A decode step multiplies a few rows by each weight: on 2 CPU cores the benchmark's
-    CFG sampling call (d=512, 16 rows) ran 8% faster than with nn.Linear's (out, in) layout
-    (an isolated 16-row matmul with its weight in cache, 1.3-2.4x); training is unchanged."""
-
-    def __init__(self, in_features: int, out_features: int) -> None:
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        self.weight = nn.Parameter(torch.empty(in_features, out_features))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x @ self.weight  # (..., in) -> (..., out)
-
-
-class Attention(nn.Module):
-    def __init__(self, config: PriorConfig) -> None:
-        super().__init__()
-        self.num_heads, self.head_dim = config.num_heads, config.head_dim
-        self.qkv = Projection(config.d_model, 3 * config.d_model)
-        self.proj = Projection(config.d_model, config.d_model)
-
-    def forward(self, x, rotations, cache=None, start: int = 0) -> torch.Tensor:
-        """x (B, L, D) at positions start..start+L-1 -> (B, L, D).
-
-        With a cache (keys, values each (B, H, T_max, Dh)) the new keys and values are written
-        at [start, start + L) and attention covers the prefix [0, start + L). A multi-token call
-        must start at 0, so the causal mask stays square.
-        """
-        batch, length, dim = x.shape
-        qkv = self.qkv(x).view(batch, length, 3, self.num_heads, self.head_dim)  # (B, L, 3, H, Dh)
-        qk = apply_rope(qkv[:, :, :2], rotations).permute(2, 0, 3, 1, 4)  # (2, B, H, L, Dh)
-        query, key = qk.unbind(0)  # (B, H, L, Dh) each
-        value = qkv[:, :, 2].transpose(1, 2)  # (B, H, L, Dh)
-        if cache is not None:
-            if length > 1 and start != 0:
-                raise ValueError(f"a multi-token cached call must start at 0, got start={start}")
-            key_cache, value_cache = cache
-            key_cache[:, :, start : start + length] = key
-            value_cache[:, :, start : start + length] = value
-            key = key_cache[:, :, : start + length]  # (B, H, S, Dh)
-            value = value_cache[:, :, : start + length]  # (B, H, S, Dh)
-        out = F.scaled_dot_product_attention(query, key, value, is_causal=length > 1)
-        return self.proj(out.transpose(1, 2).reshape(batch, length, dim))  # (B, L, D)
-
-
-class MLP(nn.Module):
-    def __init__(self, config: PriorConfig) -> None:
-        super().__init__()
-        self.gated = config.mlp == "swiglu"
-        hidden = config.mlp_hidden
-        # SwiGLU's gate and up projections are fused into one matmul (Shazeer 2020, GLU variants).
-        self.up = Projection(config.d_model, 2 * hidden if self.gated else hidden)
-        self.down = Projection(hidden, config.d_model)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        hidden = self.up(x)
-        if self.gated:
-            gate, up = hidden.chunk(2, dim=-1)
-            hidden = F.silu(gate) * up
-        else:
-            hidden = F.gelu(hidden, approximate="tanh")  # GPT-2's GELU
-        return self.down(hidden)
-
-
-class Block(nn.Module):
-    def __init__(self, config: PriorConfig) -> None:
-        super().__init__()
-        self.attn_norm, self.mlp_norm = _norm(config), _norm(config)
-        self.attn, self.mlp = Attention(config), MLP(config)
-
-    def forward(self, x, rotations, cache=None, start: int = 0, dropout: float = 0.0):
-        x = x + _dropout(self.attn(self.attn_norm(x), rotations, cache, start), dropout)
-        return x + _dropout(self.mlp(self.mlp_norm(x)), dropout)
-
-
-class CodeFeatureEmbedding(nn.Module):
-    """Embeds a fixed feature vector per code, `features` (V, F) (a buffer, saved with the
-    weights), through a GELU MLP F -> D -> D; `forward()` returns (V, D).
-
-    The free embedding rows of a colour-and-shape-specific code learn only from the few captions
-    it appears under, so a colour never seen with a shape has no codes the prior would draw for
-    it. When the features describe what a code looks like (its mean decoded patch), codes that
-    look alike share this part of their embedding, and what the prior learns about one code
-    carries over to others of the same colour or outline. On Shapes this raised held-out
-    colour-shape pairs from 18.0% to 37.0% all correct (docs/experiments.md).
-    """
-
-    def __init__(self, config: PriorConfig) -> None:
-        super().__init__()
-        features = torch.zeros(config.codebook_size, config.code_feature_dim)
-        self.register_buffer("features", features)
-        self.up = Projection(config.code_feature_dim, config.d_model)
-        self.down = Projection(config.d_model, config.d_model)
-
-    def forward(self) -> torch.Tensor:
-        features = self.features.to(self.up.weight.dtype)  # (V, F)
-        return self.down(F.gelu(self.up(features)))  # (V, D)
-
-
 class Prior(nn.Module):
     """Decoder-only transformer; see the module docstring for the layout and positions."""
 
@@ -298,7 +189,7 @@ class Prior(nn.Module):
         if config.code_feature_dim > 0:
             self.code_features = CodeFeatureEmbedding(config)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_layers))
-        self.norm = _norm(config)
+        self.norm = make_norm(config)
         self.image_head = None
         if not config.tie_image_embeddings:
             self.image_head = Projection(config.d_model, config.codebook_size)
@@ -391,7 +282,7 @@ class Prior(nn.Module):
         dropout = cfg.dropout if self.training else 0.0
         table = self.image_table()  # (V + 1, D)
         hidden = self.backbone(
-            _dropout(self.embed(text_ids, image_inputs, table), dropout), 0, None, dropout
+            apply_dropout(self.embed(text_ids, image_inputs, table), dropout), 0, None, dropout
         )
         image_logits = self.image_logits(hidden[:, text_length:], table)  # (B, N, V)
         image_loss = F.cross_entropy(image_logits.flatten(0, 1), codes.flatten())

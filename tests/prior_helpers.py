@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from prior import Prior, PriorConfig
-from prior.model import Projection
+from prior.layers import Projection
 
 TINY = dict(
     text_vocab_size=40,

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from prior import Prior, PriorConfig
-from prior.model import Projection
+from prior.layers import Projection
 
 TEXT_VOCAB = 1024
 CODEBOOK = 1024
