@@ -183,7 +183,7 @@ _TAMING_F16 = VQGANConfig(
 )
 
 # Presets. "cpu-tiny" is the Shapes demo (32 px -> 8x8 codes, 1024 l2-normalised 8-dim codes,
-# the per-patch encoder, dead codes restarted at the worst-represented patches; 0.31M
+# the per-patch encoder, dead codes restarted at the worst-represented patches; 0.30M
 # parameters). The patch encoder gives every code its own 4x4 patch and nothing else: plain
 # background gets one code per colour instead of hundreds, the codes' perplexity fell from
 # about 800 to 9, and a prior on its codes drew 60.5% of seen test prompts all right against
@@ -197,13 +197,21 @@ _TAMING_F16 = VQGANConfig(
 # no l2, no restart): with GAN and perceptual weights 0 it is a plain VQ-VAE. The taming and
 # LlamaGen entries mirror the published 256 px models so converted checkpoints load one to one;
 # LlamaGen hard-codes attention at the lowest level, which at 256 px is attn_resolutions=(16,).
+# The cpu-tiny decoders have no mid-block attention: with it, a large object on one side left
+# strays at the far border of 8% of the reconstructions (the judge: not clean); without it,
+# at equal steps, the judge found all 212 large objects of 400 renders clean, against 92.0%.
 PRESETS: dict[str, VQGANConfig] = {
-    "cpu-tiny": VQGANConfig(encoder="patch", restart_from="error"),
+    "cpu-tiny": VQGANConfig(encoder="patch", mid_attention=False, restart_from="error"),
     "cpu-tiny-classic": VQGANConfig(
-        encoder="patch", codebook_dim=32, l2_normalize=False, restart_dead_codes=False
+        encoder="patch",
+        mid_attention=False,
+        codebook_dim=32,
+        l2_normalize=False,
+        restart_dead_codes=False,
     ),
     "cpu-tiny-fsq": VQGANConfig(
         encoder="patch",
+        mid_attention=False,
         quantizer="fsq",
         fsq_levels=(8, 6, 5),  # Mentzer et al. 2023, Table 1 recommendation for ~2^8 codes
         codebook_size=240,
