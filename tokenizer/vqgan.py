@@ -200,18 +200,14 @@ _TAMING_F16 = VQGANConfig(
 # The cpu-tiny decoders have no mid-block attention: with it, a large object on one side left
 # strays at the far border in 8% of the reconstructions of large objects (not clean to the judge);
 # without it, at equal steps, all 212 large objects of 400 renders came back clean.
+_CPU_TINY = VQGANConfig(encoder="patch", mid_attention=False)
 PRESETS: dict[str, VQGANConfig] = {
-    "cpu-tiny": VQGANConfig(encoder="patch", mid_attention=False, restart_from="error"),
-    "cpu-tiny-classic": VQGANConfig(
-        encoder="patch",
-        mid_attention=False,
-        codebook_dim=32,
-        l2_normalize=False,
-        restart_dead_codes=False,
+    "cpu-tiny": dataclasses.replace(_CPU_TINY, restart_from="error"),
+    "cpu-tiny-classic": dataclasses.replace(
+        _CPU_TINY, codebook_dim=32, l2_normalize=False, restart_dead_codes=False
     ),
-    "cpu-tiny-fsq": VQGANConfig(
-        encoder="patch",
-        mid_attention=False,
+    "cpu-tiny-fsq": dataclasses.replace(
+        _CPU_TINY,
         quantizer="fsq",
         fsq_levels=(8, 6, 5),  # Mentzer et al. 2023, Table 1 recommendation for ~2^8 codes
         codebook_size=240,
