@@ -103,23 +103,41 @@ class Block(nn.Module):
 
 class CodeFeatureEmbedding(nn.Module):
     """Embeds a fixed feature vector per code, `features` (V, F) (a buffer, saved with the
-    weights), through a GELU MLP F -> D -> D; `forward()` returns (V, D).
+    weights); `forward()` returns (V, D).
 
     The free embedding rows of a colour-and-shape-specific code learn only from the few captions
     it appears under, so a colour never seen with a shape has no codes the prior would draw for
     it. When the features describe what a code looks like (its mean decoded patch), codes that
     look alike share this part of their embedding, and what the prior learns about one code
-    carries over to others of the same colour or outline. On Shapes this raised held-out
-    colour-shape pairs from 18.0% to 37.0% all correct (docs/experiments.md).
+    carries over to others of the same colour or outline.
+
+    The features may come in groups (`config.code_feature_groups`, consecutive sizes summing to
+    F): each group has its own GELU MLP (F_g -> D -> D) and the embeddings are summed, so no
+    hidden unit sees two groups. With a code's outline and its colours as separate groups (the
+    "matte" features, `scripts/common/code_features.py`), a code's tied logit is a sum of an
+    outline score and a colour score: the prior can draw the outline of one caption word in the
+    colour of another although it never saw the two together. On Shapes' held-out colour-shape
+    pairs that raised all correct from 34.0-55.0% to about 65% (docs/experiments.md). One MLP
+    over the same features mixes them again (50.0%). The groups are one block-diagonal `up`
+    (F -> G*D, a fixed mask zeroes the weights across groups) and one `down` (G*D -> D), whose
+    product is the sum of the per-group MLPs; with one group this is the MLP F -> D -> D.
     """
 
     def __init__(self, config: PriorConfig) -> None:
         super().__init__()
+        groups = config.code_feature_groups or (config.code_feature_dim,)
         features = torch.zeros(config.codebook_size, config.code_feature_dim)
         self.register_buffer("features", features)
-        self.up = Projection(config.code_feature_dim, config.d_model)
-        self.down = Projection(config.d_model, config.d_model)
+        width = config.d_model
+        self.up = Projection(config.code_feature_dim, len(groups) * width)
+        self.down = Projection(len(groups) * width, width)
+        mask = torch.zeros(config.code_feature_dim, len(groups) * width)
+        starts = [sum(groups[:index]) for index in range(len(groups))]
+        for index, (start, size) in enumerate(zip(starts, groups)):
+            mask[start : start + size, index * width : (index + 1) * width] = 1
+        self.register_buffer("mask", mask, persistent=False)
 
     def forward(self) -> torch.Tensor:
-        features = self.features.to(self.up.weight.dtype)  # (V, F)
-        return self.down(F.gelu(self.up(features)))  # (V, D)
+        weight = self.up.weight * self.mask.to(self.up.weight.dtype)  # (F, G*D) block-diagonal
+        features = self.features.to(weight.dtype)  # (V, F)
+        return self.down(F.gelu(features @ weight))  # (V, D)

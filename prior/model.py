@@ -49,7 +49,9 @@ class PriorConfig:
     `code_feature_dim` > 0: every code also has a fixed feature vector of this length (for
     example its mean decoded f x f patch, `scripts/common/code_features.py`), held in the
     weights; a code's embedding is its free row plus a learned MLP of its features
-    (`CodeFeatureEmbedding`).
+    (`CodeFeatureEmbedding`). `code_feature_groups`: sizes of consecutive groups of those
+    features (summing to `code_feature_dim`), each with its own MLP, the embeddings summed;
+    empty means one group.
     """
 
     text_vocab_size: int = 512
@@ -72,9 +74,11 @@ class PriorConfig:
     init_std: float = 0.02
     tie_image_embeddings: bool = False
     code_feature_dim: int = 0
+    code_feature_groups: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         self.image_grid = tuple(self.image_grid)
+        self.code_feature_groups = tuple(self.code_feature_groups)
         self.validate()
 
     def validate(self) -> None:
@@ -82,6 +86,7 @@ class PriorConfig:
         for name in ("text_vocab_size", "codebook_size", "d_model", "num_layers", "num_heads"):
             _require(self, name, _positive_int(getattr(self, name)), "an int >= 1")
         grid, heads = self.image_grid, self.num_heads
+        groups, features = self.code_feature_groups, self.code_feature_dim
         checks = [
             ("text_length", lambda: self.text_length >= 2, "an int >= 2 (room for BOS and EOS)"),
             ("image_grid", lambda: len(grid) == 2 and all(map(_positive_int, grid)), "(h, w) >= 1"),
@@ -92,6 +97,11 @@ class PriorConfig:
             ("mlp_multiple_of", lambda: _positive_int(self.mlp_multiple_of), "an int >= 1"),
             ("dropout", lambda: 0.0 <= self.dropout < 1.0, "[0, 1)"),
             ("code_feature_dim", lambda: _non_negative_int(self.code_feature_dim), "an int >= 0"),
+            (
+                "code_feature_groups",
+                lambda: _valid_groups(groups, features),
+                f"ints >= 1 summing to {features}",
+            ),
             ("text_loss_weight", lambda: self.text_loss_weight >= 0, ">= 0"),
             ("image_loss_weight", lambda: self.image_loss_weight > 0, "> 0"),
             ("text_pad_id", lambda: 0 <= self.text_pad_id < self.text_vocab_size, "< vocab size"),
@@ -134,6 +144,11 @@ def _positive_int(value) -> bool:
 
 def _non_negative_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _valid_groups(groups: tuple, total) -> bool:
+    """Empty (one group), or sizes >= 1 that add up to `total` features."""
+    return not groups or (all(map(_positive_int, groups)) and sum(groups) == total)
 
 
 def _require(config: PriorConfig, field: str, condition: bool, allowed) -> None:

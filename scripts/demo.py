@@ -126,10 +126,11 @@ def train_settings(args: argparse.Namespace) -> dict:
     # 1.93 at 6e-3 and 2.70 at 1.2e-2; batch 64 at 6e-3 gave 2.38 (half the steps).
     prior = ["--preset", "cpu-tiny", "--batch-size", prior_batch, "--learning-rate", prior_lr]
     prior += ["--warmup-steps", "50", "--checkpoint-every", "250"]
-    # Code features (each code's mean decoded patch): on one demo tokenizer's codes, at equal
-    # steps, held-out colour-shape pairs rose from 18.0% to 37.0% all right and seen prompts from
-    # 60.5% to 73.0% (docs/experiments.md).
-    prior += ["--code-features", "patches"]
+    # Code features: each code's matte (its outline and its colours, embedded apart). On the
+    # codes of three demo runs, at equal steps, held-out colour-shape pairs were all right for
+    # 58.5-65.5% against 34.0-55.0% with the mean patch in one MLP (which had raised them from
+    # 18.0% to 37.0% over free rows alone), seen prompts for 90.0-91.0% (docs/experiments.md).
+    prior += ["--code-features", "matte"]
     if not cpu:
         # Loader workers: one process decodes about 4000 Shapes images/s (measured on this
         # project's CPU), a cap of ~15 steps/s at batch 256; the 3.5-minute H200 run without

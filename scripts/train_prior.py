@@ -31,7 +31,7 @@ import torch
 from accelerate.utils import set_seed
 from common import curves, loop
 from common import validation as checks
-from common.code_features import mean_decoded_patches
+from common.code_features import matte_features, matte_groups, mean_decoded_patches
 from common.evaluation import image_token_loss
 from common.faults import fires, kill_point
 from common.images import codes_to_images, save_png, tensor_grid
@@ -45,7 +45,7 @@ from pipelines.data.decode import DataReport
 from prior import PRESETS, Prior, PriorConfig, TextTokenizer, drop_captions, generate
 
 IDENTITY_FILE = "image_tokenizer_identity.json"
-CODE_FEATURES = ("none", "patches")
+CODE_FEATURES = ("none", "patches", "matte")
 TEXT_TOKENIZER_DIR = "text_tokenizer"
 ARCHITECTURE_FLAGS = (
     "d_model",
@@ -84,10 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="image head = the image embedding's code rows (default: the preset's; cpu-tiny ties)")
     add("--text-loss-weight", type=float, default=None, help="0 (default) skips the text "
         "logits entirely, which keeps the step lean; DALL-E used 1/8")
-    add("--code-features", choices=CODE_FEATURES, default="none", help="'patches': embed each "
-        "code also by its mean decoded patch (needs --image-tokenizer; helps a prior compose "
-        "colours and shapes it never saw together, docs/experiments.md); 'none': free "
-        "embedding rows only")
+    add("--code-features", choices=CODE_FEATURES, default="none", help="embed each code also "
+        "by what it looks like decoded (needs --image-tokenizer): 'matte', its outline and its "
+        "colours as separate groups, so outlines carry over between colours (the demo's); "
+        "'patches', its mean patch through one MLP; 'none', free embedding rows only. Both "
+        "help a prior compose colours and shapes it never saw together (docs/experiments.md)")
     add("--caption-dropout", type=float, default=0.1, help="null-caption probability (CFG)")
     add("--weight-decay", type=float, default=0.05, help="AdamW decay of matrices only")
     add("--adam-beta1", type=float, default=0.9, help="AdamW beta1")
@@ -223,9 +224,10 @@ def build_prior(
     meta: dict,
     tokenizer: TextTokenizer,
     features: torch.Tensor | None = None,
+    groups: tuple[int, ...] = (),
 ) -> Prior:
     """The prior sized for these codes and this text tokenizer, with `features` (V, F) as its
-    code features when given."""
+    code features when given, embedded in `groups` (PriorConfig.code_feature_groups)."""
     overrides = {
         name: getattr(args, name) for name in ARCHITECTURE_FLAGS if getattr(args, name) is not None
     }
@@ -234,7 +236,7 @@ def build_prior(
     )
     text = dict(text_vocab_size=tokenizer.vocab_size, text_length=tokenizer.text_length)
     if features is not None:
-        overrides["code_feature_dim"] = features.shape[1]
+        overrides.update(code_feature_dim=features.shape[1], code_feature_groups=groups)
     config = PriorConfig.from_preset(args.preset, text_pad_id=tokenizer.pad_id, **text, **overrides)
     model = Prior(config)
     if features is not None:
@@ -251,13 +253,17 @@ def setup(args: argparse.Namespace, accelerator, run: RunFolder) -> Job:
     if hasattr(image_tokenizer, "to"):  # an nn.Module; other ImageTokenizer kinds may not be
         image_tokenizer = image_tokenizer.to(accelerator.device).eval()
     data = to_tensors(train, tokenizer), to_tensors(val, tokenizer)
-    features = None
-    if args.code_features == "patches":
+    features, groups = None, ()
+    if args.code_features != "none":
         codes = data[0][1]  # (N, h, w) training codes
         size, device = int(meta["codebook_size"]), accelerator.device
-        features = mean_decoded_patches(image_tokenizer, codes, size, device)
-        run.info(f"code features: mean decoded patches over {len(codes)} training grids")
-    model = build_prior(args, meta, tokenizer, features)
+        if args.code_features == "patches":
+            features = mean_decoded_patches(image_tokenizer, codes, size, device)
+        else:
+            features = matte_features(image_tokenizer, codes, size, device)
+            groups = matte_groups(features.shape[1])
+        run.info(f"code features: {args.code_features} over {len(codes)} training grids")
+    model = build_prior(args, meta, tokenizer, features, groups)
     adam = dict(betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
     optimizer = adamw(model, args.learning_rate, args.weight_decay, **adam)
     model, optimizer = accelerator.prepare(model, optimizer)

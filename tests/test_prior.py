@@ -47,6 +47,8 @@ def test_llamagen_b_size_and_tiny_size():
         (dict(image_loss_weight=0.0), "image_loss_weight"),
         (dict(text_loss_weight=-1.0), "text_loss_weight"),
         (dict(code_feature_dim=-1), "code_feature_dim"),
+        (dict(code_feature_dim=5, code_feature_groups=(3, 3)), "code_feature_groups"),
+        (dict(code_feature_dim=5, code_feature_groups=(5, 0)), "code_feature_groups"),
     ],
 )
 def test_config_validation_names_field_and_value(overrides, field):
@@ -237,14 +239,37 @@ def test_code_features_add_an_mlp_of_each_codes_features_to_its_rows():
     assert rows[:24].abs().sum() == 0 and rows[24].abs().sum() > 0  # codes start as features
 
 
+def test_code_feature_groups_sum_one_mlp_per_group():
+    """With code_feature_groups, the feature embedding is the sum of one MLP per group of
+    features, with no weight across groups: changing one group's features moves only its term,
+    and the masked-out weights get no gradient."""
+    model = make_prior(tie_image_embeddings=True, code_feature_dim=5, code_feature_groups=(3, 2))
+    embedding = model.code_features
+    with torch.no_grad():
+        embedding.features.normal_()
+    width = model.config.d_model
+    up, down = embedding.up.weight, embedding.down.weight  # (5, 2D), (2D, D)
+    first = F.gelu(embedding.features[:, :3] @ up[:3, :width]) @ down[:width]
+    second = F.gelu(embedding.features[:, 3:] @ up[3:, width:]) @ down[width:]
+    torch.testing.assert_close(embedding(), first + second)
+    embedding().sum().backward()
+    assert up.grad[:3, width:].abs().sum() == 0 and up.grad[3:, :width].abs().sum() == 0
+    assert up.grad[:3, :width].abs().sum() > 0 and up.grad[3:, width:].abs().sum() > 0
+    single = make_prior(tie_image_embeddings=True, code_feature_dim=5)
+    assert single.code_features.up.weight.shape == (5, width)  # one group: the plain MLP
+
+
 @pytest.mark.parametrize("tie", [False, True])
-@pytest.mark.parametrize("feature_dim", [0, 5])
-def test_save_and_from_pretrained_round_trip(tmp_path, tie, feature_dim):
+@pytest.mark.parametrize(
+    "features",
+    [dict(), dict(code_feature_dim=5), dict(code_feature_dim=5, code_feature_groups=(4, 1))],
+)
+def test_save_and_from_pretrained_round_trip(tmp_path, tie, features):
     model = make_prior(
         text_loss_weight=0.1,
         norm="layernorm",
         tie_image_embeddings=tie,
-        code_feature_dim=feature_dim,
+        **features,
     )
     text, codes = random_batch(model.config)
     model.save_pretrained(tmp_path / "prior")

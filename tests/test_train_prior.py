@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 import train_prior
-from common.code_features import mean_decoded_patches
+from common.code_features import matte_features, mean_decoded_patches
 from image_files import image_size
 from training_helpers import (
     PRIOR_ARGS,
@@ -64,19 +64,28 @@ def test_two_steps_then_resume(codes, tmp_path):
     assert identity == VQGAN.from_pretrained(vqgan_dir).identity()
 
 
-def test_code_features_are_the_tokenizers_mean_decoded_patches(codes, tmp_path):
-    """--code-features patches: the prior's feature buffer holds each code's mean decoded patch
-    over the training codes (computed once, saved with the weights and loaded back)."""
+@pytest.mark.parametrize(
+    "kind, compute, dim, groups",
+    [
+        ("patches", mean_decoded_patches, 3 * 4 * 4, ()),  # 16 px images, 4 x 4 codes: f = 4
+        ("matte", matte_features, 4 * 4 + 6, (16, 6)),  # alpha per pixel, then two colours
+    ],
+)
+def test_code_features_are_computed_from_the_tokenizers_decoded_codes(
+    codes, tmp_path, kind, compute, dim, groups
+):
+    """--code-features: the prior's feature buffer holds each code's features over the training
+    codes (computed once, saved with the weights and loaded back), in the kind's groups."""
     codes_dir, vqgan_dir = codes
     out = tmp_path / "run"
-    flags = cli("--image-tokenizer", vqgan_dir, "--code-features patches")
+    flags = cli("--image-tokenizer", vqgan_dir, f"--code-features {kind}")
     job = train(codes_dir, out, "--max-steps 2", flags)
-    assert "code features: mean decoded patches over" in (out / "train.log").read_text()
+    assert f"code features: {kind} over" in (out / "train.log").read_text()
     prior = Prior.from_pretrained(out / "final" / "prior")
-    assert prior.config.code_feature_dim == 3 * 4 * 4  # 16 px images, 4 x 4 codes: f = 4
+    assert prior.config.code_feature_dim == dim and prior.config.code_feature_groups == groups
     train_codes = load_codes(codes_dir, "train").with_format("torch", columns=["codes"])
     grids = train_codes[: len(job.train[1])]["codes"].long()
-    expected = mean_decoded_patches(VQGAN.from_pretrained(vqgan_dir), grids, 64)
+    expected = compute(VQGAN.from_pretrained(vqgan_dir), grids, 64)
     torch.testing.assert_close(prior.code_features.features, expected)
     assert expected.abs().sum() > 0
 
