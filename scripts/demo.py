@@ -129,7 +129,7 @@ def train_settings(args: argparse.Namespace) -> dict:
     # Code features: each code's matte (its outline and its colours, embedded apart). On the
     # codes of three demo runs, at equal steps, held-out colour-shape pairs were all right for
     # 58.5-65.5% against 34.0-55.0% with the mean patch in one MLP (which had raised them from
-    # 18.0% to 37.0% over free rows alone), seen prompts for 90.0-91.0% (docs/experiments.md).
+    # 18.0% to 37.0% over free rows alone), seen prompts for 90.0-92.0% (docs/experiments.md).
     prior += ["--code-features", "matte"]
     if not cpu:
         # Loader workers: one process decodes about 4000 Shapes images/s (measured on this

@@ -27,6 +27,7 @@ def mean_decoded_patches(
 
 
 MATTE_SCALE = 0.5  # a pixel this far (RGB in [-1, 1]) from the background is all foreground
+MATTE_COLOURS = 6  # foreground RGB, then background RGB, after the alpha of every pixel
 
 
 @torch.no_grad()
@@ -62,7 +63,7 @@ def matte_features(
 
 def matte_groups(feature_dim: int) -> tuple[int, int]:
     """The matte's feature groups for the prior: the alpha, then both colours."""
-    return (feature_dim - 6, 6)
+    return (feature_dim - MATTE_COLOURS, MATTE_COLOURS)
 
 
 def _mean_per_code(image_tokenizer, codes, codebook_size, features, device, batch_size):
