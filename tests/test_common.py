@@ -285,7 +285,13 @@ def test_budget_fixes_the_step_count_after_the_measurement_window(monkeypatch):
     # only steps 4-7 are timed (2 s each): 7 steps took 15 + 8 = 23 s of 60, 37 s left -> 18 more
     assert budget.seconds_per_step == pytest.approx(2.0) and budget.total_steps == 7 + 18
     capped = StepBudget(
-        minutes=1.0, max_steps=12, measure_steps=1, skip_steps=1, safety=1.0, reserve_seconds=0.0
+        minutes=1.0,
+        max_steps=12,
+        measure_steps=1,
+        measure_seconds=0.0,
+        skip_steps=1,
+        safety=1.0,
+        reserve_seconds=0.0,
     )
     for step in range(1, 3):
         clock["now"] += 2.0
@@ -294,6 +300,32 @@ def test_budget_fixes_the_step_count_after_the_measurement_window(monkeypatch):
     assert StepBudget(minutes=None, max_steps=9).total_steps == 9
     with pytest.raises(ValueError, match="skip_steps=0"):
         StepBudget(minutes=1.0, max_steps=None, skip_steps=0)
+
+
+def test_budget_window_lasts_its_minimum_seconds(monkeypatch):
+    """A short step window is stretched to measure_seconds, so one stall weighs less."""
+    clock = {"now": 100.0}
+    monkeypatch.setattr(budget_module.time, "monotonic", lambda: clock["now"])
+    budget = StepBudget(
+        10.0,
+        None,
+        measure_steps=2,
+        measure_seconds=12.0,
+        skip_steps=1,
+        safety=1.0,
+        reserve_seconds=0.0,
+    )
+    fixed = []
+    for step in range(1, 12):
+        clock["now"] += 5.0 if step == 2 else 1.0  # a 4 s stall in the window's first step
+        fixed.append(budget.observe(step, Accelerator(cpu=True)))
+    # the window opens after step 1 and closes after step 9, when 5 + 7 = 12 s have passed:
+    # 1.5 s per step over 8 steps, where the 2-step window would have measured 3 s
+    assert fixed.index(True) == 8 and budget.seconds_per_step == pytest.approx(1.5)
+    # 13 s of 600 used, 587 left at 1.5 s per step
+    assert budget.total_steps == 9 + math.floor(587 / 1.5)
+    short = StepBudget(1.0, None, measure_steps=1, skip_steps=1)
+    assert short.measure_seconds == pytest.approx(3.0)  # at most 5% of the budget
 
 
 @pytest.mark.parametrize(

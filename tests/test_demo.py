@@ -94,3 +94,29 @@ def test_tokenizer_stage_is_stretched_to_its_minimum_steps_within_half_the_budge
         demo.parse_args([*MICRO, "--output-dir", str(tmp_path)]), tmp_path, 0.1, []
     )
     assert "--min-steps" not in commands[0]  # a capped smoke run stays capped
+
+
+@pytest.mark.parametrize(
+    "precision, device, amx, tokenizer, prior",
+    [
+        ("auto", "cpu", True, "no", "bf16"),
+        ("auto", "cpu", False, "no", "no"),
+        ("auto", "cuda", False, "bf16", "bf16"),
+        ("fp32", "cpu", True, "no", "no"),
+        ("fp32", "cuda", False, "no", "no"),
+        ("bf16", "cpu", False, "bf16", "bf16"),
+    ],
+)
+def test_precision_flag_sets_each_jobs_mixed_precision(
+    monkeypatch, precision, device, amx, tokenizer, prior
+):
+    monkeypatch.setattr(demo, "cpu_has_amx_bf16", lambda: amx)
+    args = demo.parse_args(["--precision", precision, "--device", device])
+    settings = demo.train_settings(args)
+    for job, expected in (("tokenizer", tokenizer), ("prior", prior)):
+        flags = settings[job]
+        assert flags[flags.index("--mixed-precision") + 1] == expected
+    # The key holds the resolved flags: stages made in another precision are not reused.
+    flipped = "fp32" if prior == "bf16" else "bf16"
+    other = demo.parse_args(["--precision", flipped, "--device", device])
+    assert demo.settings_key(other) != demo.settings_key(args)

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from prior_helpers import TINY, make_prior, random_batch
 
 from prior import PRESETS, Prior, PriorConfig, drop_captions
+from prior.layers import attend
 from prior.rope import apply_rope, rope_real, rope_table
 
 
@@ -177,6 +178,31 @@ def test_low_precision_cast_keeps_fp32_positions():
     model.to(torch.bfloat16)
     assert model.rope.dtype == torch.float32 and model.image_head.weight.dtype == torch.bfloat16
     torch.testing.assert_close(model(text, codes).image_loss, expected, atol=0.05, rtol=0.02)
+
+
+@pytest.mark.parametrize("is_causal", [True, False])
+def test_low_precision_attention_on_cpu_is_computed_in_fp32(is_causal):
+    generator = torch.Generator().manual_seed(0)
+    query, key, value = torch.randn(3, 2, 2, 5, 8, generator=generator).bfloat16().unbind(0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attend(query, key, value, is_causal=is_causal)
+    expected = F.scaled_dot_product_attention(
+        query.float(), key.float(), value.float(), is_causal=is_causal
+    )
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, expected.bfloat16(), atol=0, rtol=0)
+
+
+def test_bf16_autocast_forward_and_backward_stay_close_to_fp32():
+    model = make_prior(code_feature_dim=5, code_feature_groups=(3, 2)).train()
+    text, codes = random_batch(model.config)
+    expected = model(text, codes).image_loss
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(text, codes).image_loss
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, expected, atol=0.05, rtol=0.02)
+    loss.backward()
+    assert all(p.grad is not None and p.grad.isfinite().all() for p in model.parameters())
 
 
 def test_loss_falls_when_overfitting_one_batch():

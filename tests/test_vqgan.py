@@ -10,7 +10,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from codegrid.io import config_from_dict
 from tokenizer import PRESETS, VQGAN, ImageTokenizer, VQGANConfig
-from tokenizer.modules import AttnBlock, ChannelNorm
+from tokenizer.modules import AttnBlock, ChannelNorm, GroupNorm
 
 TINY = {  # taming's encoder; the "patch-encoder" variant and the tests that name it switch
     "encoder": "conv",
@@ -229,6 +229,21 @@ def test_bf16_autocast_keeps_quantizer_in_fp32():
     assert out.stats["entropy_loss"].dtype == torch.float32
     out.quantizer_loss.backward()
     assert model.encoder.conv_in.weight.grad is not None
+
+
+def test_group_norm_runs_in_fp32_under_cpu_autocast_and_keeps_the_keys():
+    norm = GroupNorm(4, 8, eps=1e-6)
+    torch.nn.init.normal_(norm.weight), torch.nn.init.normal_(norm.bias)
+    x = torch.randn(2, 8, 5, 5).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = norm(x)
+    expected = F.group_norm(x.float(), 4, norm.weight, norm.bias, 1e-6).bfloat16()
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, expected, atol=0, rtol=0)
+    assert norm.state_dict().keys() == torch.nn.GroupNorm(4, 8).state_dict().keys()
+    torch.testing.assert_close(norm(x.float()), torch.nn.GroupNorm.forward(norm, x.float()))
+    expected = torch.nn.GroupNorm.forward(norm, x.float()).bfloat16()
+    torch.testing.assert_close(norm.bfloat16()(x), expected, atol=0.02, rtol=0.02)  # bf16 weights
 
 
 def test_matches_taming_reference():

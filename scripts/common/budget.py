@@ -9,6 +9,10 @@ tokenizer stage 13% early (202 of 233 s): its first 10 steps ran at 0.24 s, the 
 and the window averaged 0.172 s; skipping 10 steps measures the steady state. The count is
 decided on the main process and broadcast, so every rank stops at the same step; it is stored in
 checkpoints, so a resumed run keeps the same count and the same LR schedule.
+
+The window also lasts at least `measure_seconds` (10 s, at most 5% of the budget): a 30-step
+window of the demo's bf16 prior lasted 3 s, and a stall of about 0.8 s in it set 0.100 s per
+step against the 0.072 s the run then kept, so the stage stopped after 3.2 of its 4.7 minutes.
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ class StepBudget:
     data preparation and model setup are inside it.
 
     Without a budget the total is `max_steps` from the start. With one, the total is unknown
-    (None) until `observe` has timed `measure_steps` steps after the first `skip_steps`;
+    (None) until `observe` has timed `measure_steps` steps, and `measure_seconds`, after the
+    first `skip_steps`;
     `max_steps` then caps it. `min_steps` raises a total that the budget would leave below it,
     but only as far as `limit_minutes` (>= `minutes`) allows: a stage that needs a number of
     steps to be useful gets them on a slow machine, within a hard cap.
@@ -38,6 +43,7 @@ class StepBudget:
         minutes: float | None,
         max_steps: int | None,
         measure_steps: int = 30,
+        measure_seconds: float = 10.0,
         skip_steps: int = 10,
         safety: float = 0.97,
         reserve_seconds: float = 5.0,
@@ -54,6 +60,9 @@ class StepBudget:
                 "limit >= the budget (or none)"
             )
         self.measure_steps, self.safety, self.reserve = measure_steps, safety, reserve_seconds
+        self.measure_seconds = (
+            0.0 if self.seconds is None else min(measure_seconds, 0.05 * self.seconds)
+        )
         if skip_steps < 1:
             raise ValueError(
                 f"skip_steps={skip_steps} must be >= 1 (the first step pays for lazy "
@@ -84,7 +93,7 @@ class StepBudget:
                 self._window_start = (step, now)
             return False
         first_step, first_time = self._window_start
-        if step - first_step < self.measure_steps:
+        if step - first_step < self.measure_steps or now - first_time < self.measure_seconds:
             return False
         self.seconds_per_step = (now - first_time) / (step - first_step)
         total = self._steps_within(self.seconds, step)
