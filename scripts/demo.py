@@ -20,6 +20,10 @@ TOKENIZER_LIMIT_SHARE; the prior gets what is left after the tokenizer and extra
 RESERVE_MINUTES for pipeline assembly, evaluation and the grid. Finished stages are recorded in
 OUT/demo_state.json and reused by the next run (with their original times) unless --fresh.
 OUT/metrics.json gathers the figures and the wall time of every stage.
+
+Precision (`--precision`, default auto): bf16 autocast for both training stages on a GPU, for
+the prior only on a CPU with AMX-BF16 (where bf16 matmuls are several times faster), fp32
+otherwise.
 """
 
 from __future__ import annotations
