@@ -40,15 +40,19 @@ class Projection(nn.Module):
         return x @ self.weight  # (..., in) -> (..., out)
 
 
-def attend(query, key, value, is_causal: bool) -> torch.Tensor:
-    """SDPA, in fp32 for low-precision inputs on CPU, returned in the input's dtype.
+def attend(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, is_causal: bool
+) -> torch.Tensor:
+    """SDPA of query (B, H, L, Dh) over key and value (B, H, S, Dh) -> (B, H, L, Dh), computed
+    in fp32 on CPU for low-precision inputs or under autocast, returned in the query's dtype.
 
     On CPU, SDPA's bf16 backward was 6x slower than its fp32 one (0.40 s against 0.06 s over 10
-    steps of the demo's prior on 2 cores with AMX), while bf16 matmuls were 3x faster: the whole
-    step took 0.099 s in bf16, 0.068 s with fp32 attention, 0.101 s in fp32 (measured for this
-    project). On GPUs bf16 is SDPA's fast path and stays.
+    steps of the demo's prior on 2 cores with AMX), while the step's bf16 matmuls took a third
+    of their fp32 time: the whole step took 0.099 s in bf16, 0.068 s with fp32 attention, 0.101
+    s in fp32 (measured for this project). On GPUs bf16 is SDPA's fast path and stays.
     """
-    if query.device.type != "cpu" or query.dtype not in (torch.bfloat16, torch.float16):
+    low = query.dtype in (torch.bfloat16, torch.float16) or torch.is_autocast_enabled("cpu")
+    if query.device.type != "cpu" or not low:
         return F.scaled_dot_product_attention(query, key, value, is_causal=is_causal)
     with torch.autocast("cpu", enabled=False):
         out = F.scaled_dot_product_attention(

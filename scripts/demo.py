@@ -129,10 +129,10 @@ def bf16_stages(args: argparse.Namespace) -> tuple[str, ...]:
     if args.precision == "auto" and cpu_has_amx_bf16():
         # On 2 cores with AMX the prior's step took 0.068 s in bf16 against 0.101 s in fp32
         # (attention kept in fp32, prior/layers.py:attend). On one demo run's codes, 3900 bf16
-        # steps (the time of 2714 in fp32) reached a validation loss of 0.220 and 90.5% / 56.5%
-        # of seen / held-out test prompts all right, against 0.241 and 85.0% / 55.0%. The
-        # tokenizer ran only 1.24x faster and was 0.47 dB lower after 400 steps, so it stays in
-        # fp32 (docs/experiments.md).
+        # steps (2714 fp32 steps' time by that ratio) reached a validation loss of 0.220 and
+        # 90.5% / 56.5% of seen / held-out test prompts all right, against 0.241 and 85.0% /
+        # 55.0% (one pair of runs). The tokenizer ran only 1.24x faster and was 1.06 dB lower
+        # after 1800 steps, so it stays in fp32 (docs/experiments.md).
         return ("prior",)
     return ()
 

@@ -15,7 +15,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, debug_launcher
 from common import budget as budget_module
 from common import faults
 from common.budget import StepBudget
@@ -326,6 +326,36 @@ def test_budget_window_lasts_its_minimum_seconds(monkeypatch):
     assert budget.total_steps == 9 + math.floor(587 / 1.5)
     short = StepBudget(1.0, None, measure_steps=1, skip_steps=1)
     assert short.measure_seconds == pytest.approx(3.0)  # at most 5% of the budget
+
+
+def _skewed_clock_rank(out: str) -> None:
+    """One rank of the test below: rank 1's clock runs at a quarter of rank 0's speed."""
+    import types
+
+    accelerator = Accelerator(cpu=True)
+    rank, clock = accelerator.process_index, {"now": 100.0}
+    budget_module.time = types.SimpleNamespace(monotonic=lambda: clock["now"])
+    budget = StepBudget(1.0, None, measure_steps=2, measure_seconds=3.0, skip_steps=1, safety=1.0)
+    step = 0
+    while budget.total_steps is None and step < 50:
+        step += 1
+        clock["now"] += 1.0 if rank == 0 else 0.25
+        budget.observe(step, accelerator)
+        torch.distributed.barrier()  # a training step's collective, in step on every rank
+    with open(f"{out}/rank{rank}.json", "w") as handle:
+        json.dump({"fixed_at": step, "total": budget.total_steps}, handle)
+
+
+def test_budget_ranks_close_the_window_together_by_rank_0s_clock(tmp_path, monkeypatch):
+    """With rank-local clocks rank 0 would fix its total 9 steps before rank 1 and broadcast it
+    against rank 1's training collective (here a barrier: that version deadlocks this test);
+    rank 0's verdict is broadcast instead."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    debug_launcher(_skewed_clock_rank, args=(str(tmp_path),), num_processes=2)
+    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    # rank 0: the window opens at step 1 (t = 101) and closes at step 4 (t = 104, 3 s later);
+    # 56 s are left, 3 s of them reserved for the end, at 1 s per step
+    assert ranks[0] == ranks[1] == {"fixed_at": 4, "total": 4 + math.floor(56 - 3)}
 
 
 @pytest.mark.parametrize(

@@ -181,16 +181,18 @@ def test_low_precision_cast_keeps_fp32_positions():
 
 
 @pytest.mark.parametrize("is_causal", [True, False])
-def test_low_precision_attention_on_cpu_is_computed_in_fp32(is_causal):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_low_precision_attention_on_cpu_is_computed_in_fp32(is_causal, dtype):
+    """bf16 inputs, or fp32 ones under autocast (which would run SDPA in bf16), get fp32 SDPA."""
     generator = torch.Generator().manual_seed(0)
-    query, key, value = torch.randn(3, 2, 2, 5, 8, generator=generator).bfloat16().unbind(0)
+    query, key, value = torch.randn(3, 2, 2, 5, 8, generator=generator).to(dtype).unbind(0)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = attend(query, key, value, is_causal=is_causal)
     expected = F.scaled_dot_product_attention(
         query.float(), key.float(), value.float(), is_causal=is_causal
     )
-    assert out.dtype == torch.bfloat16
-    torch.testing.assert_close(out, expected.bfloat16(), atol=0, rtol=0)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out, expected.to(dtype), atol=0, rtol=0)
 
 
 def test_bf16_autocast_forward_and_backward_stay_close_to_fp32():
