@@ -252,8 +252,10 @@ def test_group_norm_runs_in_fp32_under_cpu_autocast_and_keeps_the_keys(monkeypat
     torch.testing.assert_close(out, expected, atol=0, rtol=0)
     assert norm.state_dict().keys() == torch.nn.GroupNorm(4, 8).state_dict().keys()
     seen.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert norm(x.float()).dtype == torch.float32  # fp32 input under autocast
     norm.bfloat16()(x)  # bf16 weights too
-    assert seen == [torch.float32]
+    assert seen == [torch.float32, torch.float32]
 
 
 def test_matches_taming_reference():

@@ -50,7 +50,8 @@ class ChannelNorm(nn.Module):
 
 
 class GroupNorm(nn.GroupNorm):
-    """nn.GroupNorm, computed in fp32 for bf16 and fp16 inputs on CPU, returned in their dtype.
+    """nn.GroupNorm, computed in fp32 on CPU for bf16 and fp16 inputs or under autocast, returned
+    in the input's dtype.
 
     CUDA's autocast already runs group_norm in fp32; CPU's does not, and its bf16 kernel was
     the slowest op of the demo's tokenizer step (a bf16 step took 0.135 s against 0.090 s in
@@ -59,7 +60,8 @@ class GroupNorm(nn.GroupNorm):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type != "cpu" or x.dtype not in (torch.bfloat16, torch.float16):
+        low = x.dtype in (torch.bfloat16, torch.float16) or torch.is_autocast_enabled("cpu")
+        if x.device.type != "cpu" or not low:
             return super().forward(x)  # CUDA's autocast already computes it in fp32
         weight, bias = (None if p is None else p.float() for p in (self.weight, self.bias))
         with torch.autocast("cpu", enabled=False):
