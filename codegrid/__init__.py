@@ -1,4 +1,5 @@
-"""Small shared utilities for the codegrid packages (atomic folders, model-folder I/O).
+"""Small shared utilities for the codegrid packages (atomic folders, model-folder I/O, and
+`codegrid.precision` for fp32 on CPU).
 
 `tokenizer` and `prior` both use this leaf package and never import each other.
 """

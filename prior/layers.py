@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from codegrid.precision import cpu_low_precision
 from prior.rope import apply_rope
 
 if TYPE_CHECKING:
@@ -51,8 +52,7 @@ def attend(
     of their fp32 time: the whole step took 0.099 s in bf16, 0.068 s with fp32 attention, 0.101
     s in fp32 (measured for this project). On GPUs bf16 is SDPA's fast path and stays.
     """
-    low = query.dtype in (torch.bfloat16, torch.float16) or torch.is_autocast_enabled("cpu")
-    if query.device.type != "cpu" or not low:
+    if not cpu_low_precision(query):
         return F.scaled_dot_product_attention(query, key, value, is_causal=is_causal)
     with torch.autocast("cpu", enabled=False):
         out = F.scaled_dot_product_attention(

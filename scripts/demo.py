@@ -29,6 +29,7 @@ otherwise.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shlex
@@ -114,6 +115,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # ------------------------------------------------------------------ settings per device
+@functools.cache
 def cpu_has_amx_bf16() -> bool:
     """True when the CPU reports AMX-BF16 tiles (Linux's /proc/cpuinfo flags; False elsewhere)."""
     try:

@@ -326,6 +326,8 @@ def test_budget_window_lasts_its_minimum_seconds(monkeypatch):
     assert budget.total_steps == 9 + math.floor(587 / 1.5)
     short = StepBudget(1.0, None, measure_steps=1, skip_steps=1)
     assert short.measure_seconds == pytest.approx(3.0)  # at most 5% of the budget
+    with pytest.raises(ValueError, match="measure_seconds=-1"):
+        StepBudget(1.0, None, measure_seconds=-1)
 
 
 def _skewed_clock_rank(out: str) -> None:

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from codegrid.precision import cpu_low_precision
+
 NORM_GROUPS = 32  # taming's GroupNorm(32, eps=1e-6)
 
 
@@ -60,8 +62,7 @@ class GroupNorm(nn.GroupNorm):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        low = x.dtype in (torch.bfloat16, torch.float16) or torch.is_autocast_enabled("cpu")
-        if x.device.type != "cpu" or not low:
+        if not cpu_low_precision(x):
             return super().forward(x)  # CUDA's autocast already computes it in fp32
         weight, bias = (None if p is None else p.float() for p in (self.weight, self.bias))
         with torch.autocast("cpu", enabled=False):

@@ -60,6 +60,8 @@ class StepBudget:
                 "limit >= the budget (or none)"
             )
         self.measure_steps, self.safety, self.reserve = measure_steps, safety, reserve_seconds
+        if measure_seconds < 0:
+            raise ValueError(f"measure_seconds={measure_seconds} must be >= 0 (0: steps only)")
         self.measure_seconds = (
             0.0 if self.seconds is None else min(measure_seconds, 0.05 * self.seconds)
         )
@@ -69,8 +71,6 @@ class StepBudget:
                 "initialisation and is never timed)"
             )
         self.skip_steps = skip_steps
-        if measure_seconds < 0:
-            raise ValueError(f"measure_seconds={measure_seconds} must be >= 0 (0: steps only)")
         self.started = time.monotonic() if started is None else started
         self.total_steps: int | None = max_steps if minutes is None else None
         self._window_start: tuple[int, float] | None = None
