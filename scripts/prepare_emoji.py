@@ -161,7 +161,12 @@ def _cairosvg_rasterizer():
     import cairosvg
 
     def render(path: Path, size: int, background: tuple[int, int, int]) -> Image.Image:
-        data = cairosvg.svg2png(url=str(path), output_width=size, output_height=size)
+        try:
+            data = cairosvg.svg2png(url=str(path), output_width=size, output_height=size)
+        except Exception as error:  # one SVG it cannot parse must not end the job
+            # cairosvg 2.9.1 raises AttributeError on openmoji 17's 1F3F4-E0065-E0073-E0063-E006D-
+            # E007F.svg (a marker it cannot resolve); write_style skips and counts OSErrors.
+            raise OSError(f"cairosvg failed: {type(error).__name__}: {error}") from error
         return decode_image(data, background=background, min_size=1)
 
     return render

@@ -157,3 +157,30 @@ def test_help_explains_every_flag(capsys):
                  "--no-skin-tones", "--include-brands", "--svg-rasterizer", "--overwrite"):  # fmt: skip
         assert flag in text
     assert "npm install" in text
+
+
+def test_svg_the_rasterizer_cannot_render_is_skipped_and_counted(tmp_path, monkeypatch, capsys):
+    """cairosvg raises arbitrary exceptions on some SVGs (AttributeError on one OpenMoji 17
+    flag): that file is skipped with a warning and counted, the rest is written."""
+    import sys
+    import types
+
+    from PIL import Image as PILImage
+
+    def svg2png(url, output_width, output_height):
+        if url.endswith("1F34E.svg"):
+            raise AttributeError("'NoneType' object has no attribute 'get'")
+        buffer = __import__("io").BytesIO()
+        PILImage.new("RGBA", (output_width, output_height), (0, 0, 255, 255)).save(buffer, "PNG")
+        return buffer.getvalue()
+
+    monkeypatch.setitem(sys.modules, "cairosvg", types.SimpleNamespace(svg2png=svg2png))
+    tree = fake_tree(tmp_path / "npm")
+    argv = ["--npm-dir", str(tree), "--styles", "openmoji", "--svg-rasterizer", "cairosvg"]
+    with pytest.warns(UserWarning, match=r"1F34E\.svg: cairosvg failed: AttributeError"):
+        out = prepare_emoji.main(prepare_emoji.parse_args([*argv, "--out", str(tmp_path / "o")]))
+    assert "'openmoji: unreadable image': 1" in capsys.readouterr().out
+    rows = read_rows(out)
+    assert sorted(hexcode for _, hexcode in rows) == ["0023-FE0F-20E3", "1F44B", "1F44B-1F3FB"]
+    pixels = np.asarray(Image.open(out / rows["openmoji", "1F44B"]["file_name"]))
+    assert pixels[3, 3].tolist() == [0, 0, 255]
