@@ -20,6 +20,7 @@ import argparse
 import ctypes
 import json
 import re
+import shutil
 import sys
 import warnings
 from collections import Counter
@@ -72,10 +73,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "(subgroup 'brand'), left out by default")  # fmt: skip
     add("--svg-rasterizer", choices=["auto", "cairosvg", "librsvg", "none"], default="auto",
         help="how to render OpenMoji SVGs; 'none' skips OpenMoji")  # fmt: skip
+    add("--num-validation", type=int, default=0, help="if > 0: split into train/ and "
+        "validation/ folders, drawing whole emoji (every style of one hexcode) into validation "
+        "in a seeded order until it holds at least this many images")  # fmt: skip
+    add("--seed", type=int, default=0, help="seed of the validation draw")
     add("--overwrite", action="store_true", help="replace an existing --out folder")
     args = parser.parse_args(argv)
-    if args.size <= 0 or args.max_tags < 0:
-        parser.error("--size must be positive and --max-tags non-negative")
+    if args.size <= 0 or args.max_tags < 0 or args.num_validation < 0:
+        parser.error("--size must be positive, --max-tags and --num-validation non-negative")
     return args
 
 
@@ -325,11 +330,47 @@ def main(args: argparse.Namespace) -> Path:
             else:
                 items = datasource_items(packages[style], style, not args.no_skin_tones)
             rows += write_style(tmp, style, items, annotations, rasterizer, args, counts)
-        with open(tmp / "metadata.jsonl", "w", encoding="utf-8") as handle:
-            handle.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+        splits = {"": rows}
+        if args.num_validation:
+            splits = split_by_emoji(rows, args.num_validation, args.seed)
+            for name, split_rows in splits.items():
+                counts[f"{name} split"] = len(split_rows)
+                for row in split_rows:
+                    target = tmp / name / row["file_name"]
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    (tmp / row["file_name"]).rename(target)
+            shutil.rmtree(tmp / "images")  # only the emptied style folders are left
+        for name, split_rows in splits.items():
+            with open(tmp / name / "metadata.jsonl", "w", encoding="utf-8") as handle:
+                handle.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in split_rows)
         (tmp / "LICENSES.txt").write_text(LICENSES)
     print(f"[prepare_emoji] wrote {len(rows)} images to {out}: {dict(sorted(counts.items()))}")
     return out
+
+
+def split_by_emoji(rows: list[dict], num_validation: int, seed: int) -> dict[str, list[dict]]:
+    """{"train": rows, "validation": rows}: whole emoji go to validation, in an order drawn with
+    `seed`, until it holds >= num_validation rows, so no style of a validation emoji is trained
+    on. Row order within each split is kept."""
+    hexcodes = sorted({normalize_hexcode(row["hexcode"]) for row in rows})
+    order = np.random.default_rng(seed).permutation(len(hexcodes))
+    per_emoji = Counter(normalize_hexcode(row["hexcode"]) for row in rows)
+    chosen, total = set(), 0
+    for index in order:
+        if total >= num_validation:
+            break
+        chosen.add(hexcodes[index])
+        total += per_emoji[hexcodes[index]]
+    if total < num_validation or len(chosen) == len(hexcodes):
+        raise ValueError(
+            f"--num-validation={num_validation} leaves no training images ({len(rows)} images "
+            "in all); use a smaller value"
+        )
+    held = [normalize_hexcode(row["hexcode"]) in chosen for row in rows]
+    return {
+        "train": [row for row, out in zip(rows, held, strict=True) if not out],
+        "validation": [row for row, out in zip(rows, held, strict=True) if out],
+    }
 
 
 if __name__ == "__main__":

@@ -184,3 +184,23 @@ def test_svg_the_rasterizer_cannot_render_is_skipped_and_counted(tmp_path, monke
     assert sorted(hexcode for _, hexcode in rows) == ["0023-FE0F-20E3", "1F44B", "1F44B-1F3FB"]
     pixels = np.asarray(Image.open(out / rows["openmoji", "1F44B"]["file_name"]))
     assert pixels[3, 3].tolist() == [0, 0, 255]
+
+
+def test_validation_split_holds_whole_emoji(tmp_path):
+    tree = fake_tree(tmp_path / "npm")
+    argv = ["--npm-dir", str(tree), "--styles", "twitter", "google", "--num-validation", "3"]
+    out = prepare_emoji.main(prepare_emoji.parse_args([*argv, "--out", str(tmp_path / "o")]))
+    assert sorted(path.name for path in out.iterdir()) == ["LICENSES.txt", "train", "validation"]
+    train, validation = read_rows(out / "train"), read_rows(out / "validation")
+    assert len(train) + len(validation) == 10 and len(validation) >= 3
+    # every style of an emoji lands in the same split
+    assert not {hexcode for _, hexcode in train} & {hexcode for _, hexcode in validation}
+    for split, rows in (("train", train), ("validation", validation)):
+        assert all((out / split / row["file_name"]).is_file() for row in rows.values())
+        assert len(load_image_caption_dataset(out, split=split, resolution=32)) == len(rows)
+    again = prepare_emoji.main(prepare_emoji.parse_args([*argv, "--out", str(tmp_path / "o2")]))
+    assert read_rows(again / "validation") == validation  # seeded
+    with pytest.raises(ValueError, match="--num-validation=10 leaves no training images"):
+        prepare_emoji.main(
+            prepare_emoji.parse_args([*argv[:-1], "10", "--out", str(tmp_path / "o3")])
+        )
