@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from codegrid.precision import cpu_low_precision
+from codegrid.precision import scaled_dot_product_attention as attend
 from prior.rope import apply_rope
 
 if TYPE_CHECKING:
@@ -39,26 +39,6 @@ class Projection(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x @ self.weight  # (..., in) -> (..., out)
-
-
-def attend(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, is_causal: bool
-) -> torch.Tensor:
-    """SDPA of query (B, H, L, Dh) over key and value (B, H, S, Dh) -> (B, H, L, Dh), computed
-    in fp32 on CPU for low-precision inputs or under autocast, returned in the query's dtype.
-
-    On CPU, SDPA's bf16 backward was 6x slower than its fp32 one (0.40 s against 0.06 s over 10
-    steps of the demo's prior on 2 cores with AMX), while the step's bf16 matmuls took a third
-    of their fp32 time: the whole step took 0.099 s in bf16, 0.068 s with fp32 attention, 0.101
-    s in fp32 (measured for this project). On GPUs bf16 is SDPA's fast path and stays.
-    """
-    if not cpu_low_precision(query):
-        return F.scaled_dot_product_attention(query, key, value, is_causal=is_causal)
-    with torch.autocast("cpu", enabled=False):
-        out = F.scaled_dot_product_attention(
-            query.float(), key.float(), value.float(), is_causal=is_causal
-        )
-    return out.to(query.dtype)
 
 
 class Attention(nn.Module):

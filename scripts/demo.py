@@ -130,7 +130,7 @@ def bf16_stages(args: argparse.Namespace) -> tuple[str, ...]:
         return ("tokenizer", "prior")
     if args.precision == "auto" and cpu_has_amx_bf16():
         # On 2 cores with AMX the prior's step took 0.068 s in bf16 against 0.101 s in fp32
-        # (attention kept in fp32, prior/layers.py:attend). On one demo run's codes, 3900 bf16
+        # (attention kept in fp32, codegrid/precision.py). On one demo run's codes, 3900 bf16
         # steps (2714 fp32 steps' time by that ratio) reached a validation loss of 0.220 and
         # 90.5% / 56.5% of seen / held-out test prompts all right, against 0.241 and 85.0% /
         # 55.0% (one pair of runs). The tokenizer ran only 1.24x faster and was 1.06 dB lower

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from codegrid.precision import cpu_low_precision
+from codegrid.precision import cpu_low_precision, scaled_dot_product_attention
 
 NORM_GROUPS = 32  # taming's GroupNorm(32, eps=1e-6)
 
@@ -135,7 +135,7 @@ class AttnBlock(nn.Module):
         q = self.q(h).flatten(2).transpose(1, 2).unsqueeze(1).contiguous()  # (B, 1, HW, C)
         k = self.k(h).flatten(2).transpose(1, 2).unsqueeze(1).contiguous()  # (B, 1, HW, C)
         v = self.v(h).flatten(2).transpose(1, 2).unsqueeze(1).contiguous()  # (B, 1, HW, C)
-        h = F.scaled_dot_product_attention(q, k, v)  # (B, 1, HW, C)
+        h = scaled_dot_product_attention(q, k, v)  # (B, 1, HW, C), fp32 on CPU in bf16
         h = h.squeeze(1).transpose(1, 2).reshape(batch, channels, height, width)  # (B, C, H, W)
         return x + self.proj_out(h)
 
