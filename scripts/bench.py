@@ -19,7 +19,9 @@ Subcommands:
              share of the measured fp32 sgemm peak (aim >= 50%).
   extract    scripts/extract_codes.py's path vs a bare encode loop, f16 256 px (>= 0.85x).
   scaling    sampling time and peak memory at 64, 256 and 1024 image tokens, with linear fits.
-  all        the five above.
+  precision  bf16 autocast vs fp32 on this CPU: the matmul peak and the demo's prior and
+             tokenizer training steps (the speed-up behind demo.py --precision auto).
+  all        the six above.
   gpu        accelerator run: bf16 + torch.compile training MFU, sampling latency/throughput
              at batch 1 and 64, tokenizer throughput; imports only torch and this tree.
 """
@@ -48,7 +50,7 @@ from benchmarks.common import (  # noqa: E402
 )
 from benchmarks.gpu import SECTIONS as GPU_SECTIONS  # noqa: E402
 
-CPU_BENCHES = ("tokenizer", "sampling", "train", "extract", "scaling")
+CPU_BENCHES = ("tokenizer", "sampling", "train", "extract", "scaling", "precision")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -119,6 +121,8 @@ def run_cpu_bench(name: str, settings: Settings) -> list[Row]:
         from benchmarks.training import bench_training as bench
     elif name == "extract":
         from benchmarks.extract import bench_extract as bench
+    elif name == "precision":
+        from benchmarks.cpu_precision import bench_cpu_precision as bench
     else:
         from benchmarks.sampling import bench_scaling as bench
     return bench(settings)

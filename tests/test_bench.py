@@ -171,3 +171,41 @@ def test_gpu_run_killed_midway_leaves_the_finished_sections(monkeypatch, tmp_pat
     assert result["complete"] is False and "stale" not in result
     assert result["sampling"]["batch_1"]["latency_s"] > 0 and "tokenizer" not in result
     assert result["settings"]["device"] == "cpu"
+
+
+@pytest.mark.parametrize("which", ["prior", "tokenizer"])
+def test_precision_steps_train_the_same_model_in_both_precisions(which):
+    """The bf16 and fp32 sides of `bench.py precision` start from the same weights and data:
+    their first losses agree within bf16 rounding, and both fall over a few steps."""
+    import copy
+
+    from benchmarks import cpu_precision
+
+    from prior import Prior, PriorConfig
+    from tokenizer import VQGAN, VQGANConfig
+
+    torch.manual_seed(0)
+    if which == "prior":
+        config = PriorConfig.from_preset("cpu-tiny", num_layers=1, d_model=64, num_heads=2)
+        model, make_step, batch = Prior(config), cpu_precision.prior_step, 2
+    else:
+        model = VQGAN(VQGANConfig.from_preset("cpu-tiny", resolution=16))
+        make_step, batch = cpu_precision.tokenizer_step, 2
+    steps = {
+        bf16: make_step(copy.deepcopy(model).train(), batch, 0, bf16) for bf16 in (True, False)
+    }
+    losses = {bf16: [step() for _ in range(4)] for bf16, step in steps.items()}
+    assert losses[True][0] == pytest.approx(losses[False][0], rel=0.03)
+    assert losses[True][-1] < losses[True][0] and losses[False][-1] < losses[False][0]
+
+
+def test_precision_bench_smoke_rows():
+    from benchmarks.cpu_precision import bench_cpu_precision
+
+    rows = bench_cpu_precision(SMOKE)
+    assert [row.metric.split(":")[0].split(" ")[0] for row in rows] == [
+        "matmul",
+        "prior",
+        "tokenizer",
+    ]
+    assert all(row.ratio > 0 and row.met is None for row in rows)
