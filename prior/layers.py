@@ -48,12 +48,13 @@ class Attention(nn.Module):
         self.qkv = Projection(config.d_model, 3 * config.d_model)
         self.proj = Projection(config.d_model, config.d_model)
 
-    def forward(self, x, rotations, cache=None, start: int = 0) -> torch.Tensor:
+    def forward(self, x, rotations, cache=None, start: int = 0, mask=None) -> torch.Tensor:
         """x (B, L, D) at positions start..start+L-1 -> (B, L, D).
 
         With a cache (keys, values each (B, H, T_max, Dh)) the new keys and values are written
         at [start, start + L) and attention covers the prefix [0, start + L). A multi-token call
-        must start at 0, so the causal mask stays square.
+        must start at 0, so the causal mask stays square. `mask`: None for causal attention, or
+        a (L, L) bool mask (True = may attend) replacing it (`Prior.attention_mask`).
         """
         batch, length, dim = x.shape
         qkv = self.qkv(x).view(batch, length, 3, self.num_heads, self.head_dim)  # (B, L, 3, H, Dh)
@@ -68,7 +69,7 @@ class Attention(nn.Module):
             value_cache[:, :, start : start + length] = value
             key = key_cache[:, :, : start + length]  # (B, H, S, Dh)
             value = value_cache[:, :, : start + length]  # (B, H, S, Dh)
-        out = attend(query, key, value, is_causal=length > 1)  # (B, H, L, Dh)
+        out = attend(query, key, value, is_causal=length > 1 and mask is None, attn_mask=mask)
         return self.proj(out.transpose(1, 2).reshape(batch, length, dim))  # (B, L, D)
 
 
@@ -97,8 +98,8 @@ class Block(nn.Module):
         self.attn_norm, self.mlp_norm = make_norm(config), make_norm(config)
         self.attn, self.mlp = Attention(config), MLP(config)
 
-    def forward(self, x, rotations, cache=None, start: int = 0, dropout: float = 0.0):
-        x = x + apply_dropout(self.attn(self.attn_norm(x), rotations, cache, start), dropout)
+    def forward(self, x, rotations, cache=None, start: int = 0, dropout: float = 0.0, mask=None):
+        x = x + apply_dropout(self.attn(self.attn_norm(x), rotations, cache, start, mask), dropout)
         return x + apply_dropout(self.mlp(self.mlp_norm(x)), dropout)
 
 

@@ -34,6 +34,7 @@ from prior.rope import rope_table
 
 MLP_KINDS = ("swiglu", "gelu")
 NORM_KINDS = ("rmsnorm", "layernorm")
+TEXT_ATTENTION = ("causal", "self")
 
 
 @dataclass
@@ -52,6 +53,9 @@ class PriorConfig:
     (`CodeFeatureEmbedding`). `code_feature_groups`: sizes of consecutive groups of those
     features (summing to `code_feature_dim`), each with its own MLP, the embeddings summed;
     empty means one group.
+    `text_attention`: "causal" (GPT: a text token attends to the ones before it) or "self" (a
+    text token attends to itself only, so its hidden state is a function of the word alone and
+    image positions read each word unmixed; see `Prior.attention_mask`).
     """
 
     text_vocab_size: int = 512
@@ -75,6 +79,7 @@ class PriorConfig:
     tie_image_embeddings: bool = False
     code_feature_dim: int = 0
     code_feature_groups: tuple[int, ...] = ()
+    text_attention: str = "causal"
 
     def __post_init__(self) -> None:
         self.image_grid = tuple(self.image_grid)
@@ -94,6 +99,7 @@ class PriorConfig:
             ("num_heads", lambda: self.head_dim % 4 == 0, "a head_dim divisible by 4 (2D RoPE)"),
             ("mlp", lambda: self.mlp in MLP_KINDS, MLP_KINDS),
             ("norm", lambda: self.norm in NORM_KINDS, NORM_KINDS),
+            ("text_attention", lambda: self.text_attention in TEXT_ATTENTION, TEXT_ATTENTION),
             ("mlp_multiple_of", lambda: _positive_int(self.mlp_multiple_of), "an int >= 1"),
             ("dropout", lambda: 0.0 <= self.dropout < 1.0, "[0, 1)"),
             ("code_feature_dim", lambda: _non_negative_int(self.code_feature_dim), "an int >= 0"),
@@ -247,14 +253,33 @@ class Prior(nn.Module):
         """Embedded inputs x (B, L, D) at positions start..start+L-1 -> normed hidden (B, L, D)."""
         length = x.shape[1]
         rotations = self.rope[start : start + length]  # (L, Dh/2, 2)
+        # A one-token step attends to the whole cached prefix under either text_attention.
+        mask = None
+        if self.config.text_attention == "self" and length > 1:
+            mask = self.attention_mask(length, x.device)  # (L, L)
         use_checkpoint = self.gradient_checkpointing and torch.is_grad_enabled()
         for index, block in enumerate(self.blocks):
             layer_cache = None if cache is None else cache.layer(index)
             if use_checkpoint:
-                x = checkpoint(block, x, rotations, None, 0, dropout, use_reentrant=False)
+                x = checkpoint(block, x, rotations, None, 0, dropout, mask, use_reentrant=False)
             else:
-                x = block(x, rotations, layer_cache, start, dropout)
+                x = block(x, rotations, layer_cache, start, dropout, mask)
         return self.norm(x)
+
+    def attention_mask(self, length: int, device: torch.device | None = None) -> torch.Tensor:
+        """(length, length) bool, True where query i may attend to key j, for a call starting
+        at position 0 with text_attention="self": causal, except that a text position attends to
+        itself only. Image positions (BOI on) see every text token and the codes before them.
+
+        Why: under a causal mask the shape word's hidden state has read the colour word before
+        it, so a colour-shape pair the training captions never pair gets a representation the
+        prior never saw; with words kept apart, image positions combine known parts. On Shapes'
+        held-out pairs this drew 58.0-64.5% against 53.0-55.5% (docs/experiments.md)."""
+        positions = torch.arange(length, device=device)
+        causal = positions[None, :] <= positions[:, None]  # (L, L)
+        text = positions < self.config.text_length  # (L,)
+        mixed_text = text[:, None] & text[None, :] & (positions[:, None] != positions[None, :])
+        return causal & ~mixed_text
 
     def image_table(self) -> torch.Tensor:
         """Image input embeddings (V + 1, D), the last row BOI; with code features, each code's

@@ -43,6 +43,7 @@ from common.schedule import set_learning_rate, warmup_cosine
 from pipelines.data.codes import load_codes, read_codes_meta
 from pipelines.data.decode import DataReport
 from prior import PRESETS, Prior, PriorConfig, TextTokenizer, drop_captions, generate
+from prior.model import TEXT_ATTENTION
 
 IDENTITY_FILE = "image_tokenizer_identity.json"
 CODE_FEATURES = ("none", "patches", "matte")
@@ -54,6 +55,7 @@ ARCHITECTURE_FLAGS = (
     "dropout",
     "text_loss_weight",
     "tie_image_embeddings",
+    "text_attention",
 )
 
 
@@ -82,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--dropout", type=float, default=None, help="dropout (default: the preset's)")
     add("--tie-image-embeddings", action=argparse.BooleanOptionalAction, default=None,
         help="image head = the image embedding's code rows (default: the preset's; cpu-tiny ties)")
+    add("--text-attention", choices=TEXT_ATTENTION, default=None, help="'causal': a text token "
+        "attends to the ones before it (GPT); 'self': to itself only, so each word reaches the "
+        "image positions unmixed, which composed held-out colour-shape pairs better on Shapes "
+        "(docs/experiments.md; default: the preset's)")
     add("--text-loss-weight", type=float, default=None, help="0 (default) skips the text "
         "logits entirely, which keeps the step lean; DALL-E used 1/8")
     add("--code-features", choices=CODE_FEATURES, default="none", help="embed each code also "

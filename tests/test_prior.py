@@ -50,6 +50,7 @@ def test_llamagen_b_size_and_tiny_size():
         (dict(code_feature_dim=-1), "code_feature_dim"),
         (dict(code_feature_dim=5, code_feature_groups=(3, 3)), "code_feature_groups"),
         (dict(code_feature_dim=5, code_feature_groups=(5, 0)), "code_feature_groups"),
+        (dict(text_attention="bidirectional"), "text_attention"),
     ],
 )
 def test_config_validation_names_field_and_value(overrides, field):
@@ -122,6 +123,7 @@ def sequence_hidden(model: Prior, text: torch.Tensor, codes: torch.Tensor) -> to
         dict(),
         dict(norm="layernorm", mlp="gelu"),
         dict(tie_image_embeddings=True, code_feature_dim=5),
+        dict(text_attention="self"),
     ],
 )
 @pytest.mark.parametrize("position", [2, 5, 7, 9, 17])
@@ -221,8 +223,30 @@ def test_loss_falls_when_overfitting_one_batch():
     assert out.image_loss.item() < 0.3 * first
 
 
-def test_gradient_checkpointing_gives_the_same_gradients():
-    model = make_prior(dropout=0.0).train()
+def test_self_text_attention_keeps_words_apart_and_image_positions_read_them_all():
+    """text_attention="self": changing text token j leaves every other text position's hidden
+    state exactly as it was (causal attention changes the later ones), and still changes the
+    image positions, which attend to all text."""
+    for mode, later_text_changes in (("self", False), ("causal", True)):
+        model = make_prior(text_attention=mode)
+        text, codes = random_batch(model.config)
+        length = model.config.text_length
+        before = sequence_hidden(model, text, codes)
+        text2 = text.clone()
+        text2[:, 2] = (text2[:, 2] + 1) % model.config.text_vocab_size
+        after = sequence_hidden(model, text2, codes)
+        others = [index for index in range(length) if index != 2]
+        moved = (after[:, others] - before[:, others]).abs().max().item()
+        assert (moved > 1e-3) == later_text_changes, (mode, moved)
+        assert (after[:, length:] - before[:, length:]).abs().max() > 1e-3
+    mask = make_prior(text_attention="self").attention_mask(length + 3)  # (T + 3, T + 3)
+    assert torch.equal(mask[:length, :length], torch.eye(length, dtype=torch.bool))
+    assert mask[length:, :].sum(1).tolist() == [length + 1, length + 2, length + 3]  # BOI on
+
+
+@pytest.mark.parametrize("text_attention", ["causal", "self"])
+def test_gradient_checkpointing_gives_the_same_gradients(text_attention):
+    model = make_prior(dropout=0.0, text_attention=text_attention).train()
     text, codes = random_batch(model.config)
     model(text, codes).loss.backward()
     plain = [p.grad.clone() for p in model.parameters()]

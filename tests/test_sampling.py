@@ -46,6 +46,7 @@ def model():
         dict(norm="layernorm", mlp="gelu", num_layers=3),
         dict(tie_image_embeddings=True),
         dict(tie_image_embeddings=True, code_feature_dim=5),
+        dict(text_attention="self"),
     ],
 )
 @pytest.mark.parametrize("prefix", [0, 5])

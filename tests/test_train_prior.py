@@ -22,7 +22,7 @@ from training_helpers import (
 )
 
 from pipelines.data.codes import load_codes
-from prior import Prior, TextTokenizer
+from prior import Prior, PriorConfig, TextTokenizer
 from tokenizer import VQGAN, VQGANConfig
 
 pytestmark = pytest.mark.usefixtures("fresh_process_state")
@@ -88,6 +88,14 @@ def test_code_features_are_computed_from_the_tokenizers_decoded_codes(
     expected = compute(VQGAN.from_pretrained(vqgan_dir), grids, 64)
     torch.testing.assert_close(prior.code_features.features, expected)
     assert expected.abs().sum() > 0
+
+
+def test_text_attention_flag_reaches_the_saved_config(codes, tmp_path):
+    codes_dir, _ = codes
+    train(codes_dir, tmp_path / "run", "--max-steps 1 --text-attention self")
+    prior = Prior.from_pretrained(tmp_path / "run" / "final" / "prior")
+    assert prior.config.text_attention == "self"
+    assert PriorConfig.from_preset("cpu-tiny").text_attention == "causal"  # the default
 
 
 def test_codes_of_another_tokenizer_are_refused(codes, tmp_path):

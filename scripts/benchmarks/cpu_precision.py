@@ -5,8 +5,8 @@ run several times faster than fp32 ones, which is why `scripts/demo.py --precisi
 the prior under bf16 there. This measures what that claim rests on, on the machine at hand:
 
 - the matmul peak, bf16 against fp32 (4096^3; 512^3 with --smoke);
-- one training step of the demo's prior (`cpu-tiny`, batch 16, the matte features' two groups
-  with a random feature table, AdamW), fp32 against `torch.autocast("cpu", torch.bfloat16)`;
+- one training step of the demo's prior (`cpu-tiny` with 1024 codes and 20 text tokens, batch
+  16, the matte features' two groups with a random feature table, AdamW), fp32 against `torch.autocast("cpu", torch.bfloat16)`;
 - one training step of the demo's tokenizer (`cpu-tiny` VQGAN at 32 px, batch 32, L2
   reconstruction plus the quantizer loss, Adam), the same two ways.
 
@@ -28,6 +28,7 @@ from prior import Prior, PriorConfig
 from tokenizer import VQGAN, VQGANConfig
 
 MATTE_GROUPS = (16, 6)  # scripts/common/code_features.py: a 4x4 alpha, two colours
+DEMO_PRIOR = {"codebook_size": 1024, "text_length": 20}  # what the demo's prior is built with
 
 
 def has_amx_bf16() -> bool:
@@ -121,7 +122,11 @@ def bench_cpu_precision(settings: Settings) -> list[Row]:
     prior_overrides = {"num_layers": 1, "d_model": 64, "num_heads": 2} if settings.smoke else {}
     features = sum(MATTE_GROUPS)
     config = PriorConfig.from_preset(
-        "cpu-tiny", code_feature_dim=features, code_feature_groups=MATTE_GROUPS, **prior_overrides
+        "cpu-tiny",
+        **DEMO_PRIOR,
+        code_feature_dim=features,
+        code_feature_groups=MATTE_GROUPS,
+        **prior_overrides,
     )
     prior = Prior(config)
     with torch.no_grad():
