@@ -231,17 +231,23 @@ def test_bf16_autocast_keeps_quantizer_in_fp32():
     assert model.encoder.conv_in.weight.grad is not None
 
 
-def test_group_norm_runs_in_fp32_under_cpu_autocast_and_keeps_the_keys(monkeypatch):
-    import tokenizer.modules as modules
-
-    seen = []
-    group_norm = F.group_norm
+def record_input_dtypes(monkeypatch, namespace, name: str) -> list:
+    """Wrap `namespace.name` so each call appends its first argument's dtype to the list."""
+    seen, original = [], getattr(namespace, name)
 
     def recording(x, *args, **kwargs):
         seen.append(x.dtype)
-        return group_norm(x, *args, **kwargs)
+        return original(x, *args, **kwargs)
 
-    monkeypatch.setattr(modules.F, "group_norm", recording)
+    monkeypatch.setattr(namespace, name, recording)
+    return seen
+
+
+def test_group_norm_runs_in_fp32_under_cpu_autocast_and_keeps_the_keys(monkeypatch):
+    import tokenizer.modules as modules
+
+    group_norm = F.group_norm
+    seen = record_input_dtypes(monkeypatch, modules.F, "group_norm")
     norm = GroupNorm(4, 8, eps=1e-6)
     torch.nn.init.normal_(norm.weight), torch.nn.init.normal_(norm.bias)
     x = torch.randn(2, 8, 5, 5, generator=torch.Generator().manual_seed(0)).bfloat16()
@@ -263,14 +269,7 @@ def test_attention_block_runs_sdpa_in_fp32_under_cpu_autocast(monkeypatch):
     bf16 CPU backward was 6x slower), with bf16 weights too; outputs close to the fp32 block."""
     import codegrid.precision as precision
 
-    seen = []
-    sdpa = F.scaled_dot_product_attention
-
-    def recording(query, *args, **kwargs):
-        seen.append(query.dtype)
-        return sdpa(query, *args, **kwargs)
-
-    monkeypatch.setattr(precision.F, "scaled_dot_product_attention", recording)
+    seen = record_input_dtypes(monkeypatch, precision.F, "scaled_dot_product_attention")
     torch.manual_seed(0)
     block = AttnBlock(8)
     x = torch.randn(2, 8, 4, 4)

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import Row, Settings, matmul_peak_flops, time_pair
+from benchmarks.training import make_prior_step
 from prior import Prior, PriorConfig
 from tokenizer import VQGAN, VQGANConfig
 
@@ -47,24 +48,10 @@ def _autocast(bf16: bool):
 
 
 def prior_step(model: Prior, batch: int, seed: int, bf16: bool):
-    """A closure running one AdamW step of `model` on fixed random text and codes."""
-    config = model.config
-    generator = torch.Generator().manual_seed(seed)
-    text = torch.randint(
-        3, config.text_vocab_size, (batch, config.text_length), generator=generator
-    )
-    codes = torch.randint(0, config.codebook_size, (batch, *config.image_grid), generator=generator)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-
-    def step() -> float:
-        with _autocast(bf16):
-            loss = model(text, codes).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss.detach().item()
-
-    return step
+    """A closure running one AdamW step of `model` on fixed random text and codes (bench.py
+    train's step, its forward under bf16 autocast when `bf16`)."""
+    dtype = torch.bfloat16 if bf16 else None
+    return make_prior_step(model, model.config, Settings(seed=seed), batch, autocast_dtype=dtype)
 
 
 def tokenizer_step(model: VQGAN, batch: int, seed: int, bf16: bool):

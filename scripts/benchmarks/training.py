@@ -24,16 +24,21 @@ from benchmarks.priors import (
 BATCH = 16
 
 
-def make_prior_step(model, config, settings: Settings, batch: int):
-    """A closure running one AdamW training step of our prior on fixed random data."""
+def make_prior_step(model, config, settings: Settings, batch: int, autocast_dtype=None):
+    """A closure running one AdamW training step of our prior on fixed random data; with
+    `autocast_dtype` the forward runs under `torch.autocast` of the model's device type."""
     text = random_text(config, batch, settings.seed, settings.device)
     generator = torch.Generator().manual_seed(settings.seed)
     grid = (batch, *config.image_grid)
     codes = torch.randint(0, config.codebook_size, grid, generator=generator).to(settings.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
+    device_type = torch.device(settings.device).type
+    enabled = autocast_dtype is not None
+
     def step() -> float:
-        loss = model(text, codes).loss
+        with torch.autocast(device_type, dtype=autocast_dtype, enabled=enabled):
+            loss = model(text, codes).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
