@@ -55,7 +55,8 @@ class PriorConfig:
     empty means one group.
     `text_attention`: "causal" (GPT: a text token attends to the ones before it) or "self" (a
     text token attends to itself only, so its hidden state is a function of the word alone and
-    image positions read each word unmixed; see `Prior.attention_mask`).
+    image positions read each word unmixed; see `Prior.attention_mask`). With "self" and
+    `text_loss_weight` > 0 the text head predicts each next token from the current one alone.
     """
 
     text_vocab_size: int = 512

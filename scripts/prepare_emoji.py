@@ -168,6 +168,8 @@ def _cairosvg_rasterizer():
     def render(path: Path, size: int, background: tuple[int, int, int]) -> Image.Image:
         try:
             data = cairosvg.svg2png(url=str(path), output_width=size, output_height=size)
+        except MemoryError:
+            raise
         except Exception as error:  # one SVG it cannot parse must not end the job
             # cairosvg 2.9.1 raises AttributeError on openmoji 17's 1F3F4-E0065-E0073-E0063-E006D-
             # E007F.svg (a marker it cannot resolve); write_style skips and counts OSErrors.
