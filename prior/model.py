@@ -275,7 +275,7 @@ class Prior(nn.Module):
         Why: under a causal mask the shape word's hidden state has read the colour word before
         it, so a colour-shape pair the training captions never pair gets a representation the
         prior never saw; with words kept apart, image positions combine known parts. On Shapes'
-        held-out pairs this drew 58.0-64.5% against 53.0-55.5% (docs/experiments.md)."""
+        held-out pairs this drew 56.5-64.5% against 53.0-59.5% (docs/experiments.md)."""
         positions = torch.arange(length, device=device)
         causal = positions[None, :] <= positions[:, None]  # (L, L)
         text = positions < self.config.text_length  # (L,)

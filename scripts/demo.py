@@ -172,8 +172,9 @@ def train_settings(args: argparse.Namespace) -> dict:
     # 18.0% to 37.0% over free rows alone), seen prompts for 90.0-92.0% (docs/experiments.md).
     prior += ["--code-features", "matte"]
     # Text tokens attend to themselves only, so the shape word's state has not read the colour
-    # word: on run G's codes, held-out pairs were all right for 58.0-64.5% (three seeds) against
-    # 53.0-55.5% with causal text (four priors), seen prompts 87.5-90.0% against 87.5-91.0%.
+    # word: on run G's codes, at 4000 steps, held-out pairs were all right for 56.5-64.5% (four
+    # seeds, mean 60.6%) against 53.0-59.5% with causal text (five priors, mean 55.1%), seen
+    # prompts 87.5-90.0% against 87.5-91.5%: about one noise width (docs/experiments.md).
     prior += ["--text-attention", "self"]
     if not cpu:
         # Loader workers: one process decodes about 4000 Shapes images/s (measured on this

@@ -86,8 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="image head = the image embedding's code rows (default: the preset's; cpu-tiny ties)")
     add("--text-attention", choices=TEXT_ATTENTION, default=None, help="'causal': a text token "
         "attends to the ones before it (GPT); 'self': to itself only, so each word reaches the "
-        "image positions unmixed, which composed held-out colour-shape pairs better on Shapes "
-        "(docs/experiments.md; default: the preset's)")
+        "image positions unmixed, which composed held-out colour-shape pairs somewhat better on "
+        "Shapes (docs/experiments.md; default: the preset's)")
     add("--text-loss-weight", type=float, default=None, help="0 (default) skips the text "
         "logits entirely, which keeps the step lean; DALL-E used 1/8")
     add("--code-features", choices=CODE_FEATURES, default="none", help="embed each code also "
