@@ -363,7 +363,7 @@ def split_by_emoji(rows: list[dict], num_validation: int, seed: int) -> dict[str
             break
         chosen.add(hexcodes[index])
         total += per_emoji[hexcodes[index]]
-    if total < num_validation or len(chosen) == len(hexcodes):
+    if len(chosen) == len(hexcodes):  # also when every emoji together is too few
         raise ValueError(
             f"--num-validation={num_validation} leaves no training images ({len(rows)} images "
             "in all); use a smaller value"

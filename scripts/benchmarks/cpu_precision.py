@@ -18,11 +18,11 @@ Both sides of a step start from the same weights and data, and the note gives th
 
 from __future__ import annotations
 
-import contextlib
 import copy
 
 import torch
 import torch.nn.functional as F
+from demo import cpu_has_amx_bf16  # the check behind demo.py --precision auto
 
 from benchmarks.common import Row, Settings, matmul_peak_flops, time_pair
 from benchmarks.training import make_prior_step
@@ -31,21 +31,6 @@ from tokenizer import VQGAN, VQGANConfig
 
 MATTE_GROUPS = (16, 6)  # scripts/common/code_features.py: a 4x4 alpha, two colours
 DEMO_PRIOR = {"codebook_size": 1024, "text_length": 20, "text_attention": "self"}  # the demo's
-
-
-def has_amx_bf16() -> bool:
-    """Whether /proc/cpuinfo lists amx_bf16 (False where there is no /proc/cpuinfo)."""
-    try:
-        with open("/proc/cpuinfo") as handle:
-            return "amx_bf16" in handle.read().split()
-    except OSError:
-        return False
-
-
-def _autocast(bf16: bool):
-    if not bf16:
-        return contextlib.nullcontext()
-    return torch.autocast("cpu", dtype=torch.bfloat16)
 
 
 def prior_step(model: Prior, batch: int, seed: int, bf16: bool):
@@ -63,7 +48,7 @@ def tokenizer_step(model: VQGAN, batch: int, seed: int, bf16: bool):
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
 
     def step() -> float:
-        with _autocast(bf16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             out = model(images)
             loss = F.mse_loss(out.reconstruction.float(), images) + out.quantizer_loss
         loss.backward()
@@ -101,7 +86,7 @@ def bench_cpu_precision(settings: Settings) -> list[Row]:
     size = 512 if settings.smoke else 4096
     bf16_peak = matmul_peak_flops(size, torch.bfloat16, settings)
     fp32_peak = matmul_peak_flops(size, torch.float32, settings)
-    amx = "amx_bf16 listed" if has_amx_bf16() else "no amx_bf16 in /proc/cpuinfo"
+    amx = "amx_bf16 listed" if cpu_has_amx_bf16() else "no amx_bf16 in /proc/cpuinfo"
     rows = [
         Row("precision", f"matmul peak {size}^3: bf16 vs fp32", bf16_peak / 1e9,
             fp32_peak / 1e9, "GFLOP/s", bf16_peak / fp32_peak, None, note=amx),
