@@ -330,6 +330,46 @@ def test_budget_window_lasts_its_minimum_seconds(monkeypatch):
         StepBudget(1.0, None, measure_seconds=-1)
 
 
+def _run_to_the_end(budget: StepBudget, clock: dict, seconds_at, accelerator) -> list[int]:
+    """Step until the budget's count is reached, step k taking `seconds_at(k)`; the counts
+    after each change."""
+    step, counts = 0, []
+    while step < budget.current_total(10**6):
+        step += 1
+        clock["now"] += seconds_at(step)
+        if budget.observe(step, accelerator):
+            counts.append(budget.total_steps)
+    return counts
+
+
+@pytest.mark.parametrize("replans", [0, 3])
+def test_budget_replans_keep_a_run_that_slows_down_within_its_budget(monkeypatch, replans):
+    """The window sees 1 s per step, the run then takes 2 s: the window's count alone overruns
+    the 60 s by about half; re-planned from the pace since the last plan, the run ends in time."""
+    clock = {"now": 100.0}
+    monkeypatch.setattr(budget_module.time, "monotonic", lambda: clock["now"])
+    timing = dict(measure_steps=4, measure_seconds=0.0, skip_steps=1, reserve_seconds=0.0)
+    budget = StepBudget(1.0, None, safety=1.0, replans=replans, **timing)
+    counts = _run_to_the_end(
+        budget, clock, lambda step: 1.0 if step <= 5 else 2.0, Accelerator(cpu=True)
+    )
+    elapsed = clock["now"] - 100.0
+    assert counts[0] == 5 + 55  # fixed after 5 steps (5 s), 55 s left at 1 s per step
+    if replans == 0:
+        assert counts == [60] and elapsed == pytest.approx(5 + 55 * 2.0)
+        return
+    # the first re-plan (step 19, 14 steps at 2 s) leaves 27 s for 13 more steps; the other
+    # re-plan steps (33, 46) lie beyond that count
+    assert counts == [60, 19 + 13] and budget.replanned_from == 60
+    assert 55.0 <= elapsed <= 60.0  # within the budget, and little of it left unused
+    restored = StepBudget(1.0, None, replans=3, **timing)
+    restored.restore(counts[-1])  # a resumed run keeps its checkpoint's count
+    assert _run_to_the_end(restored, clock, lambda step: 5.0, Accelerator(cpu=True)) == []
+    assert restored.total_steps == counts[-1]
+    with pytest.raises(ValueError, match="replans=-1"):
+        StepBudget(1.0, None, replans=-1)
+
+
 def _skewed_clock_rank(out: str) -> None:
     """One rank of the test below: rank 1's clock runs at a quarter of rank 0's speed."""
     import types
@@ -344,8 +384,14 @@ def _skewed_clock_rank(out: str) -> None:
         clock["now"] += 1.0 if rank == 0 else 0.25
         budget.observe(step, accelerator)
         torch.distributed.barrier()  # a training step's collective, in step on every rank
+    fixed = {"fixed_at": step, "total": budget.total_steps}
+    while step < budget.total_steps:  # then rank 0 slows down: its re-plans are broadcast
+        step += 1
+        clock["now"] += 3.0 if rank == 0 else 0.5
+        budget.observe(step, accelerator)
+        torch.distributed.barrier()
     with open(f"{out}/rank{rank}.json", "w") as handle:
-        json.dump({"fixed_at": step, "total": budget.total_steps}, handle)
+        json.dump({**fixed, "steps": step, "replanned_from": budget.replanned_from}, handle)
 
 
 def test_budget_ranks_close_the_window_together_by_rank_0s_clock(tmp_path, monkeypatch):
@@ -357,7 +403,10 @@ def test_budget_ranks_close_the_window_together_by_rank_0s_clock(tmp_path, monke
     ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     # rank 0: the window opens at step 1 (t = 101) and closes at step 4 (t = 104, 3 s later);
     # 56 s are left, 3 s of them reserved for the end, at 1 s per step
-    assert ranks[0] == ranks[1] == {"fixed_at": 4, "total": 4 + math.floor(56 - 3)}
+    assert ranks[0] == ranks[1]
+    assert ranks[0]["fixed_at"] == 4 and ranks[0]["total"] == 4 + math.floor(56 - 3)
+    # rank 0's re-plans (at 3 s per step) shortened the run on both ranks alike
+    assert ranks[0]["replanned_from"] is not None and ranks[0]["steps"] < ranks[0]["total"]
 
 
 @pytest.mark.parametrize(

@@ -13,6 +13,13 @@ checkpoints, so a resumed run keeps the same count and the same LR schedule.
 The window also lasts at least `measure_seconds` (10 s, at most 5% of the budget): a 30-step
 window of the demo's bf16 prior lasted 3 s, and a stall of about 0.8 s in it set 0.100 s per
 step against the 0.072 s the run then kept, so the stage stopped after 3.5 of its 4.7 minutes.
+
+After the window the count is re-planned `replans` times (3), evenly over the remaining steps,
+from the pace since the last plan (periodic validation and checkpoints included): on a
+shared AMD EPYC the demo's prior measured 0.091 s per step in its window and then ran at
+0.10-0.15, so its 4.4-minute stage took 5.4 minutes and the demo 600 s. The LR schedule follows
+the new count from the next step. Only the process that measured the window re-plans: a resumed
+run keeps the count of its checkpoint, so it ends where the checkpointed plan said.
 """
 
 from __future__ import annotations
@@ -50,6 +57,7 @@ class StepBudget:
         started: float | None = None,
         min_steps: int | None = None,
         limit_minutes: float | None = None,
+        replans: int = 3,
     ) -> None:
         self.seconds = None if minutes is None else 60.0 * minutes
         self.max_steps, self.min_steps = max_steps, min_steps
@@ -75,6 +83,12 @@ class StepBudget:
         self.total_steps: int | None = max_steps if minutes is None else None
         self._window_start: tuple[int, float] | None = None
         self.seconds_per_step: float | None = None
+        if replans < 0:
+            raise ValueError(f"replans={replans} must be >= 0 (0: the window's count is final)")
+        self.replans = replans
+        self._replan_at: list[int] = []  # steps at which the count is re-planned
+        self._planned: tuple[int, float] | None = None  # (step, time) of the last plan
+        self.replanned_from: int | None = None  # the count before the last re-plan
 
     def restore(self, total_steps: int | None) -> None:
         """Adopt the total of a resumed checkpoint (if it had been fixed)."""
@@ -89,7 +103,7 @@ class StepBudget:
         fixed by this call. Every rank must call at every step: past `measure_steps` the ranks
         broadcast rank 0's verdict on the window each step until it closes, then the total."""
         if self.total_steps is not None:
-            return False
+            return self._replan(step, accelerator)
         now = time.monotonic()
         if self._window_start is None:
             if step >= self.skip_steps:  # the warm-up steps are not timed
@@ -101,6 +115,32 @@ class StepBudget:
         if not self._window_closed(now - first_time, accelerator):
             return False
         self.seconds_per_step = (now - first_time) / (step - first_step)
+        self.total_steps = self._broadcast_count(step, accelerator)
+        gap = (self.total_steps - step) / (self.replans + 1)
+        self._replan_at = sorted({step + round(gap * k) for k in range(1, self.replans + 1)})
+        self._replan_at = [at for at in self._replan_at if step < at < self.total_steps]
+        self._planned = (step, now)
+        return True
+
+    def _replan(self, step: int, accelerator: Accelerator) -> bool:
+        """At a re-plan step: the count from the pace since the last plan (a run that slowed
+        down for good is not averaged with its faster start). Returns True when it changed. The
+        re-plan steps follow from the broadcast count, so every rank is here at the same steps."""
+        if not self._replan_at or step != self._replan_at[0]:
+            return False
+        self._replan_at.pop(0)
+        (last_step, last_time), now = self._planned, time.monotonic()
+        self.seconds_per_step = (now - last_time) / (step - last_step)
+        self._planned = (step, now)
+        total = self._broadcast_count(step, accelerator)
+        if total == self.total_steps:
+            return False
+        self.replanned_from, self.total_steps = self.total_steps, total
+        return True
+
+    def _broadcast_count(self, step: int, accelerator: Accelerator) -> int:
+        """The count at the measured pace (raised to `min_steps` within the limit, capped by
+        `max_steps`, never below `step`), rank 0's value on every rank."""
         total = self._steps_within(self.seconds, step)
         if self.min_steps is not None and total < self.min_steps:
             total = max(total, min(self.min_steps, self._steps_within(self.limit, step)))
@@ -109,8 +149,7 @@ class StepBudget:
         value = torch.tensor([float(max(total, step))], device=accelerator.device)
         if accelerator.num_processes > 1:
             torch.distributed.broadcast(value, src=0)
-        self.total_steps = int(value.item())
-        return True
+        return int(value.item())
 
     def _window_closed(self, seconds: float, accelerator: Accelerator) -> bool:
         """Whether the window has lasted `measure_seconds`, by the main process's clock: every

@@ -228,6 +228,23 @@ def learning_rate_total(ctx: Context) -> int:
     return ctx.budget.current_total(ctx.args.max_steps or 10**9)
 
 
+def log_budget(ctx: Context) -> None:
+    """One line for the budget's count when it is fixed or re-planned."""
+    budget = ctx.budget
+    seconds, total = budget.seconds_per_step, budget.total_steps
+    if budget.replanned_from is not None:
+        ctx.run.info(
+            f"time budget re-planned at step {ctx.state.step}: {seconds:.3f} s/step since the "
+            f"last plan -> {total} steps in total (was {budget.replanned_from})"
+        )
+        return
+    floor, limit = budget.min_steps, budget.limit / 60
+    ctx.run.info(
+        f"time budget {ctx.args.time_budget_minutes} min: {seconds:.3f} s/step -> {total} steps "
+        "in total" + (f" (--min-steps {floor}, limit {limit:g} min)" if floor else "")
+    )
+
+
 def train_loop(
     ctx: Context,
     step_fn: Callable[[int], dict[str, float]],
@@ -246,13 +263,7 @@ def train_loop(
         ctx.state.step += 1
         if ctx.budget.observe(ctx.state.step, ctx.accelerator):
             bar.total = ctx.budget.total_steps
-            seconds, total = ctx.budget.seconds_per_step, ctx.budget.total_steps
-            floor, limit = ctx.budget.min_steps, ctx.budget.limit / 60
-            ctx.run.info(
-                f"time budget {ctx.args.time_budget_minutes} min: {seconds:.3f} s/step -> "
-                f"{total} steps in total"
-                + (f" (--min-steps {floor}, limit {limit:g} min)" if floor else "")
-            )
+            log_budget(ctx)
         step = ctx.state.step
         if step % ctx.args.log_every == 0 or step == 1:
             rate = (step - interval[0]) / max(time.monotonic() - interval[1], 1e-9)
