@@ -97,9 +97,23 @@ def test_tokenizer_stage_is_stretched_to_its_minimum_steps_within_half_the_budge
 
 
 @pytest.mark.parametrize(
-    "precision, device, amx, tokenizer, prior",
+    "flags, expected",
     [
-        ("auto", "cpu", True, "no", "bf16"),
+        ("fpu sse avx512f avx512_bf16 avx512_vnni", ("avx512_bf16",)),  # AMD EPYC (Zen 4)
+        ("fpu avx512f avx512_bf16 amx_bf16 amx_tile amx_int8", ("amx_bf16", "avx512_bf16")),
+        ("fpu sse avx2 avx512f", ()),
+        ("fpu amx_bf16x avx512_bf16y", ()),  # whole flag names only
+    ],
+)
+def test_native_bf16_flags_read_the_cpuinfo_flags_line(flags, expected):
+    cpuinfo = f"processor\t: 0\nmodel name\t: some CPU bf16\nflags\t\t: {flags}\n\nprocessor\t: 1\n"
+    assert demo.native_bf16_flags(cpuinfo) == expected
+
+
+@pytest.mark.parametrize(
+    "precision, device, bf16_cpu, tokenizer, prior",
+    [
+        ("auto", "cpu", True, "bf16", "bf16"),
         ("auto", "cpu", False, "no", "no"),
         ("auto", "cuda", False, "bf16", "bf16"),
         ("fp32", "cpu", True, "no", "no"),
@@ -108,14 +122,17 @@ def test_tokenizer_stage_is_stretched_to_its_minimum_steps_within_half_the_budge
     ],
 )
 def test_precision_flag_sets_each_jobs_mixed_precision(
-    monkeypatch, precision, device, amx, tokenizer, prior
+    monkeypatch, precision, device, bf16_cpu, tokenizer, prior
 ):
-    monkeypatch.setattr(demo, "cpu_has_amx_bf16", lambda: amx)
+    monkeypatch.setattr(demo, "cpu_bf16_flags", lambda: ("avx512_bf16",) if bf16_cpu else ())
     args = demo.parse_args(["--precision", precision, "--device", device])
     settings = demo.train_settings(args)
     for job, expected in (("tokenizer", tokenizer), ("prior", prior)):
         flags = settings[job]
         assert flags[flags.index("--mixed-precision") + 1] == expected
+    # A CPU tokenizer in bf16 also runs channels-last (oneDNN's faster bf16 convolutions).
+    tokenizer_nhwc = device == "cpu" and tokenizer == "bf16"
+    assert ("--channels-last" in settings["tokenizer"]) == tokenizer_nhwc
     # The key holds the resolved flags: stages made in another precision are not reused.
     flipped = "fp32" if prior == "bf16" else "bf16"
     other = demo.parse_args(["--precision", flipped, "--device", device])

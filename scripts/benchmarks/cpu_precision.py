@@ -1,14 +1,15 @@
 """bf16 autocast against fp32 on this CPU: the matmul peak and the demo's two training steps.
 
-On CPUs with AMX (Intel Sapphire Rapids and later; `amx_bf16` in /proc/cpuinfo) bf16 matmuls
-run several times faster than fp32 ones, which is why `scripts/demo.py --precision auto` trains
-the prior under bf16 there. This measures what that claim rests on, on the machine at hand:
+On CPUs with native bf16 (AMX on Intel Sapphire Rapids and later, AVX512-BF16 on AMD Zen 4;
+`amx_bf16` / `avx512_bf16` in /proc/cpuinfo) bf16 matmuls run 2-5x faster than fp32 ones, which
+is why `scripts/demo.py --precision auto` trains both stages under bf16 there. This measures
+what that claim rests on, on the machine at hand:
 
 - the matmul peak, bf16 against fp32 (4096^3; 512^3 with --smoke);
 - one training step of the demo's prior (`cpu-tiny` with 1024 codes, 20 text tokens attending
   to themselves only, batch 16, the matte features' two groups with a random feature table, AdamW), fp32 against `torch.autocast("cpu", torch.bfloat16)`;
 - one training step of the demo's tokenizer (`cpu-tiny` VQGAN at 32 px, batch 32, L2
-  reconstruction plus the quantizer loss, Adam), the same two ways.
+  reconstruction plus the quantizer loss, Adam), the same two ways, the bf16 side channels-last.
 
 "ours" is the bf16 side, "reference" the fp32 side of the same model; the steps are ABBA
 interleaved, the two matmul peaks measured one after the other (median of --runs each). The
@@ -22,7 +23,7 @@ import copy
 
 import torch
 import torch.nn.functional as F
-from demo import cpu_has_amx_bf16  # the check behind demo.py --precision auto
+from demo import cpu_bf16_flags  # the check behind demo.py --precision auto
 
 from benchmarks.common import Row, Settings, matmul_peak_flops, time_pair
 from benchmarks.training import make_prior_step
@@ -41,10 +42,14 @@ def prior_step(model: Prior, batch: int, seed: int, bf16: bool):
 
 
 def tokenizer_step(model: VQGAN, batch: int, seed: int, bf16: bool):
-    """A closure running one Adam step of `model` (L2 + quantizer loss) on fixed random images."""
+    """A closure running one Adam step of `model` (L2 + quantizer loss) on fixed random images;
+    the bf16 side runs channels-last, as the demo's bf16 tokenizer does on a CPU."""
     generator = torch.Generator().manual_seed(seed)
     side = model.config.resolution
     images = torch.rand(batch, 3, side, side, generator=generator) * 2 - 1  # (B, 3, H, W)
+    if bf16:
+        model.to(memory_format=torch.channels_last)
+        images = images.contiguous(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
 
     def step() -> float:
@@ -86,10 +91,11 @@ def bench_cpu_precision(settings: Settings) -> list[Row]:
     size = 512 if settings.smoke else 4096
     bf16_peak = matmul_peak_flops(size, torch.bfloat16, settings)
     fp32_peak = matmul_peak_flops(size, torch.float32, settings)
-    amx = "amx_bf16 listed" if cpu_has_amx_bf16() else "no amx_bf16 in /proc/cpuinfo"
+    flags = cpu_bf16_flags()
+    listed = f"{' and '.join(flags)} listed" if flags else "no native bf16 in /proc/cpuinfo"
     rows = [
         Row("precision", f"matmul peak {size}^3: bf16 vs fp32", bf16_peak / 1e9,
-            fp32_peak / 1e9, "GFLOP/s", bf16_peak / fp32_peak, None, note=amx),
+            fp32_peak / 1e9, "GFLOP/s", bf16_peak / fp32_peak, None, note=listed),
     ]  # fmt: skip
     torch.manual_seed(settings.seed)
     prior_overrides = {"num_layers": 1, "d_model": 64, "num_heads": 2} if settings.smoke else {}
