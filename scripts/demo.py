@@ -22,8 +22,8 @@ OUT/demo_state.json and reused by the next run (with their original times) unles
 OUT/metrics.json gathers the figures and the wall time of every stage.
 
 Precision (`--precision`, default auto): bf16 autocast for both training stages on a GPU or on
-a CPU with AMX-BF16 (where bf16 matmuls are several times faster; the CPU tokenizer also runs
-channels-last), fp32 otherwise.
+a CPU with native bf16 (AMX-BF16 or AVX512-BF16, where bf16 matmuls are 2-5x faster), fp32
+otherwise.
 """
 
 from __future__ import annotations
@@ -82,9 +82,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--precision",
         choices=["auto", "fp32", "bf16"],
         default="auto",
-        help="training precision. 'auto': bf16 autocast on a GPU and on a CPU with AMX (Intel "
-        "Sapphire Rapids or later), whose bf16 matmuls are several times faster than fp32; fp32 "
-        "on other CPUs, where bf16 is slow. A CPU tokenizer in bf16 runs channels-last",
+        help="training precision. 'auto': bf16 autocast on a GPU and on a CPU with native bf16 "
+        "(amx_bf16 or avx512_bf16 in /proc/cpuinfo), whose bf16 matmuls are 2-5x faster; fp32 "
+        "on other CPUs, where bf16 is slow",
     )
     add("--seed", type=int, default=0, help="seed of every stage")
     add("--fresh", action="store_true", help="redo every stage")
@@ -146,9 +146,9 @@ def bf16_stages(args: argparse.Namespace) -> tuple[str, ...]:
         # 0.107 s against 0.164 s. On one demo run's codes, 3900 bf16 steps (2714 fp32 steps'
         # time by the AMX ratio) reached a validation loss of 0.220 and 90.5% / 56.5% of seen /
         # held-out test prompts all right, against 0.241 and 85.0% / 55.0% (one pair of runs).
-        # The tokenizer, channels-last, is 0.6 dB lower than fp32 at equal steps on the EPYC
-        # but 1.26-1.4x faster: at equal time (2140 bf16 steps against 1700, two seeds) it
-        # reached 32.18 / 32.53 dB against 31.92 / 32.11 (docs/experiments.md).
+        # The tokenizer is 0.6 dB lower than fp32 at equal steps on the EPYC but 1.26-1.4x
+        # faster: at equal time (2140 bf16 steps against 1700, two seeds) it reached 32.18 /
+        # 32.53 dB against 31.92 / 32.11 (docs/experiments.md).
         return ("tokenizer", "prior")
     return ()
 
@@ -197,8 +197,6 @@ def train_settings(args: argparse.Namespace) -> dict:
         tokenizer += ["--ch", "64", "--num-workers", "6"]
     stages = bf16_stages(args)
     tokenizer += ["--mixed-precision", "bf16" if "tokenizer" in stages else "no"]
-    if cpu and "tokenizer" in stages:
-        tokenizer += ["--channels-last"]  # oneDNN's bf16 convolutions: 0.073 s a step, not 0.088
     prior += ["--mixed-precision", "bf16" if "prior" in stages else "no"]
     images = args.num_train_images or (10000 if cpu else 100000)
     validation = max(32, min(1000, images // 20))

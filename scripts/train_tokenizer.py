@@ -141,9 +141,6 @@ def build_parser() -> argparse.ArgumentParser:
     add("--adam-beta2", type=float, default=0.95, help="Adam beta2 (LlamaGen's 0.95)")
     add("--adam-epsilon", type=float, default=1e-8, help="Adam epsilon")
     add("--weight-decay", type=float, default=0.0, help="AdamW decay (conv/linear weights only)")
-    add("--channels-last", action="store_true", help="channels-last (NHWC) weights and images: "
-        "with bf16 on a CPU (oneDNN) a tokenizer step took 0.073 s against 0.088 s; no gain "
-        "in fp32 (docs/experiments.md)")
     add("--record-sample-indices", action="store_true", help="debug: append the sample "
         "indices each rank trains on to OUTPUT/samples-rank<R>.txt (used by the DDP test)")
     # fmt: on
@@ -251,8 +248,6 @@ def setup(args: argparse.Namespace, accelerator, run: RunFolder) -> Job:
     """Data, models, losses and optimizers, prepared by accelerate."""
     train, val = load_data(args, run)
     model = VQGAN(model_config(args))
-    if args.channels_last:
-        model = model.to(memory_format=torch.channels_last)
     disc = None
     if args.disc_weight > 0:
         disc = NLayerDiscriminator(ndf=args.disc_channels, n_layers=args.disc_layers)
@@ -321,8 +316,6 @@ def train_step(job: Job, step: int) -> dict[str, float]:
         if args.record_sample_indices:
             record_indices(args.output_dir, accelerator.process_index, batch["index"])
         images = batch["image"].to(accelerator.device)
-        if args.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
         last = micro == accumulation - 1
         with _no_sync(accelerator, job.model, not last):
             loss, fake, step_terms = objective.generator_loss(

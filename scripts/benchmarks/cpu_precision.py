@@ -9,7 +9,7 @@ what that claim rests on, on the machine at hand:
 - one training step of the demo's prior (`cpu-tiny` with 1024 codes, 20 text tokens attending
   to themselves only, batch 16, the matte features' two groups with a random feature table, AdamW), fp32 against `torch.autocast("cpu", torch.bfloat16)`;
 - one training step of the demo's tokenizer (`cpu-tiny` VQGAN at 32 px, batch 32, L2
-  reconstruction plus the quantizer loss, Adam), the same two ways, the bf16 side channels-last.
+  reconstruction plus the quantizer loss, Adam), the same two ways.
 
 "ours" is the bf16 side, "reference" the fp32 side of the same model; the steps are ABBA
 interleaved, the two matmul peaks measured one after the other (median of --runs each). The
@@ -42,14 +42,10 @@ def prior_step(model: Prior, batch: int, seed: int, bf16: bool):
 
 
 def tokenizer_step(model: VQGAN, batch: int, seed: int, bf16: bool):
-    """A closure running one Adam step of `model` (L2 + quantizer loss) on fixed random images;
-    the bf16 side runs channels-last, as the demo's bf16 tokenizer does on a CPU."""
+    """A closure running one Adam step of `model` (L2 + quantizer loss) on fixed random images."""
     generator = torch.Generator().manual_seed(seed)
     side = model.config.resolution
     images = torch.rand(batch, 3, side, side, generator=generator) * 2 - 1  # (B, 3, H, W)
-    if bf16:
-        model.to(memory_format=torch.channels_last)
-        images = images.contiguous(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
 
     def step() -> float:
