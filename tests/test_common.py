@@ -344,8 +344,8 @@ def _run_to_the_end(budget: StepBudget, clock: dict, seconds_at, accelerator) ->
 
 @pytest.mark.parametrize("replans", [0, 3])
 def test_budget_replans_keep_a_run_that_slows_down_within_its_budget(monkeypatch, replans):
-    """The window sees 1 s per step, the run then takes 2 s: the window's count alone overruns
-    the 60 s by about half; re-planned from the pace since the last plan, the run ends in time."""
+    """The window sees 1 s per step, the run then takes 2 s: the window's count alone takes
+    115 s of its 60; re-planned from the pace since the last plan, the run ends in time."""
     clock = {"now": 100.0}
     monkeypatch.setattr(budget_module.time, "monotonic", lambda: clock["now"])
     timing = dict(measure_steps=4, measure_seconds=0.0, skip_steps=1, reserve_seconds=0.0)
@@ -358,14 +358,51 @@ def test_budget_replans_keep_a_run_that_slows_down_within_its_budget(monkeypatch
     if replans == 0:
         assert counts == [60] and elapsed == pytest.approx(5 + 55 * 2.0)
         return
-    # the first re-plan (step 19, 14 steps at 2 s) leaves 27 s for 13 more steps; the other
-    # re-plan steps (33, 46) lie beyond that count
+    # the first re-plan (step 19, 14 steps at 2 s) leaves 27 s for 13 more steps; the two left
+    # (steps 23 and 28, spread over the new count) find the same pace and keep it
     assert counts == [60, 19 + 13] and budget.replanned_from == 60
     assert 55.0 <= elapsed <= 60.0  # within the budget, and little of it left unused
-    restored = StepBudget(1.0, None, replans=3, **timing)
-    restored.restore(counts[-1])  # a resumed run keeps its checkpoint's count
-    assert _run_to_the_end(restored, clock, lambda step: 5.0, Accelerator(cpu=True)) == []
-    assert restored.total_steps == counts[-1]
+
+
+@pytest.mark.parametrize(
+    ("min_steps", "limit_minutes", "later", "counts", "elapsed"),
+    [
+        # 2 s per step in the window (fixed at step 5: 50 s left, 25 steps), then 1 s: the
+        # re-plan at step 11 (16 s spent) raises the count to 11 + 44
+        (None, None, 1.0, [30, 55], 60.0),
+        # 1 s in the window (60 steps), then 3 s: at step 19 (47 s spent) 13 s buy 4 steps,
+        # below the floor of 40, which the 1.5-minute limit allows only to 19 + 14
+        (40, 1.5, 3.0, [60, 33], 89.0),
+    ],
+)
+def test_budget_replans_raise_the_count_and_keep_the_floor_and_limit(
+    monkeypatch, min_steps, limit_minutes, later, counts, elapsed
+):
+    clock = {"now": 100.0}
+    monkeypatch.setattr(budget_module.time, "monotonic", lambda: clock["now"])
+    timing = dict(measure_steps=4, measure_seconds=0.0, skip_steps=1, reserve_seconds=0.0)
+    budget = StepBudget(1.0, None, safety=1.0, min_steps=min_steps, limit_minutes=limit_minutes,
+                        **timing)  # fmt: skip
+    window = 2.0 if later < 2.0 else 1.0
+
+    def seconds_at(step):
+        return window if step <= 5 else later
+
+    assert _run_to_the_end(budget, clock, seconds_at, Accelerator(cpu=True)) == counts
+    assert clock["now"] - 100.0 == pytest.approx(elapsed)
+
+
+def test_a_restored_budget_keeps_its_count_and_replans_must_be_non_negative(monkeypatch):
+    clock = {"now": 100.0}
+    monkeypatch.setattr(budget_module.time, "monotonic", lambda: clock["now"])
+    restored = StepBudget(1.0, None, measure_steps=4, skip_steps=1, replans=3)
+    restored.restore(40)  # a resumed run keeps its checkpoint's count, however slow it is now
+    step, accelerator = 12, Accelerator(cpu=True)
+    while step < restored.current_total(10**6):
+        step += 1
+        clock["now"] += 5.0
+        assert not restored.observe(step, accelerator)
+    assert restored.total_steps == 40 and step == 40
     with pytest.raises(ValueError, match="replans=-1"):
         StepBudget(1.0, None, replans=-1)
 

@@ -1,8 +1,9 @@
 """bf16 autocast against fp32 on this CPU: the matmul peak and the demo's two training steps.
 
-On CPUs with native bf16 (AMX on Intel Sapphire Rapids and later, AVX512-BF16 on AMD Zen 4;
-`amx_bf16` / `avx512_bf16` in /proc/cpuinfo) bf16 matmuls ran 1.4-5.6x faster than fp32 ones
-here, which is why `scripts/demo.py --precision auto` trains both stages under bf16 there. This
+On CPUs with native bf16 (AMX on Intel Sapphire Rapids and later; AVX512-BF16 on Intel Cooper
+Lake, Sapphire Rapids and later and on AMD Zen 4; `amx_bf16` / `avx512_bf16` in /proc/cpuinfo)
+bf16 matmuls ran about 2.2x (an AMD EPYC) to 4.9-5.6x (an AMX Xeon) faster than fp32 ones,
+which is why `scripts/demo.py --precision auto` trains both stages under bf16 there. This
 measures what that claim rests on, on the machine at hand:
 
 - the matmul peak, bf16 against fp32 (4096^3; 512^3 with --smoke);

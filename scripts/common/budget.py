@@ -8,18 +8,21 @@ early (a stage of 233 s took 211 s). Timing from the second step still ended the
 tokenizer stage 13% early (202 of 233 s): its first 10 steps ran at 0.24 s, the rest at 0.14 s,
 and the window averaged 0.172 s; skipping 10 steps measures the steady state. The count is
 decided on the main process and broadcast, so every rank stops at the same step; it is stored in
-checkpoints, so a resumed run keeps the same count and the same LR schedule.
+checkpoints, so a resumed run keeps the checkpoint's count and LR schedule.
 
 The window also lasts at least `measure_seconds` (10 s, at most 5% of the budget): a 30-step
 window of the demo's bf16 prior lasted 3 s, and a stall of about 0.8 s in it set 0.100 s per
 step against the 0.072 s the run then kept, so the stage stopped after 3.5 of its 4.7 minutes.
 
-After the window the count is re-planned `replans` times (3), evenly over the remaining steps,
-from the pace since the last plan (periodic validation and checkpoints included): on a
-shared AMD EPYC the demo's prior measured 0.091 s per step in its window and then ran at
-0.10-0.15, so its 4.4-minute stage took 5.4 minutes and the demo 600 s. The LR schedule follows
-the new count from the next step. Only the process that measured the window re-plans: a resumed
-run keeps the count of its checkpoint, so it ends where the checkpointed plan said.
+After the window the count is re-planned `replans` times (3) from the pace since the last plan
+(periodic validation and checkpoints included), the re-plans left spread evenly over the steps
+left after each one: on a shared AMD EPYC the demo's prior measured 0.091 s per step in its
+window and then ran at 0.10-0.15, so its 4.4-minute stage took 5.4 minutes and the demo 600 s.
+The LR schedule follows the new count from the next step, so the LR steps down (or up) a little
+at a re-plan that changes it. Only a run that measured its own window re-plans: a run resumed
+from a checkpoint that holds a count keeps that count, with no further time control, so a
+killed-and-resumed run ends where the checkpointed plan said, not where an uninterrupted run
+would have re-planned to.
 """
 
 from __future__ import annotations
@@ -42,7 +45,9 @@ class StepBudget:
     first `skip_steps`;
     `max_steps` then caps it. `min_steps` raises a total that the budget would leave below it,
     but only as far as `limit_minutes` (>= `minutes`) allows: a stage that needs a number of
-    steps to be useful gets them on a slow machine, within a hard cap.
+    steps to be useful gets them on a slow machine, within a hard cap. `replans` times after that
+    the total is re-planned from the pace since the last plan, with the same floor, limit and
+    cap.
     """
 
     def __init__(
@@ -85,7 +90,7 @@ class StepBudget:
         self.seconds_per_step: float | None = None
         if replans < 0:
             raise ValueError(f"replans={replans} must be >= 0 (0: the window's count is final)")
-        self.replans = replans
+        self.replans, self._replans_left = replans, replans
         self._replan_at: list[int] = []  # steps at which the count is re-planned
         self._planned: tuple[int, float] | None = None  # (step, time) of the last plan
         self.replanned_from: int | None = None  # the count before the last re-plan
@@ -99,9 +104,10 @@ class StepBudget:
         return time.monotonic() - self.started
 
     def observe(self, step: int, accelerator: Accelerator) -> bool:
-        """Call after each completed step (`step` steps done). Returns True when the total was
-        fixed by this call. Every rank must call at every step: past `measure_steps` the ranks
-        broadcast rank 0's verdict on the window each step until it closes, then the total."""
+        """Call after each completed step (`step` steps done). Returns True when this call fixed
+        the total or a re-plan changed it. Every rank must call at every step: past
+        `measure_steps` the ranks broadcast rank 0's verdict on the window each step until it
+        closes, then the total, and at each re-plan step rank 0's new total."""
         if self.total_steps is not None:
             return self._replan(step, accelerator)
         now = time.monotonic()
@@ -116,11 +122,16 @@ class StepBudget:
             return False
         self.seconds_per_step = (now - first_time) / (step - first_step)
         self.total_steps = self._broadcast_count(step, accelerator)
-        gap = (self.total_steps - step) / (self.replans + 1)
-        self._replan_at = sorted({step + round(gap * k) for k in range(1, self.replans + 1)})
-        self._replan_at = [at for at in self._replan_at if step < at < self.total_steps]
-        self._planned = (step, now)
+        self._schedule_replans(step, now)
         return True
+
+    def _schedule_replans(self, step: int, now: float) -> None:
+        """Spread the re-plans left evenly over the steps from `step` to the total. Both follow
+        from broadcast values, so every rank gets the same re-plan steps."""
+        gap = (self.total_steps - step) / (self._replans_left + 1)
+        steps = {step + round(gap * k) for k in range(1, self._replans_left + 1)}
+        self._replan_at = sorted(at for at in steps if step < at < self.total_steps)
+        self._planned = (step, now)
 
     def _replan(self, step: int, accelerator: Accelerator) -> bool:
         """At a re-plan step: the count from the pace since the last plan (a run that slowed
@@ -128,15 +139,15 @@ class StepBudget:
         re-plan steps follow from the broadcast count, so every rank is here at the same steps."""
         if not self._replan_at or step != self._replan_at[0]:
             return False
-        self._replan_at.pop(0)
+        self._replans_left -= 1
         (last_step, last_time), now = self._planned, time.monotonic()
         self.seconds_per_step = (now - last_time) / (step - last_step)
-        self._planned = (step, now)
         total = self._broadcast_count(step, accelerator)
-        if total == self.total_steps:
-            return False
-        self.replanned_from, self.total_steps = self.total_steps, total
-        return True
+        changed = total != self.total_steps
+        if changed:
+            self.replanned_from, self.total_steps = self.total_steps, total
+        self._schedule_replans(step, now)
+        return changed
 
     def _broadcast_count(self, step: int, accelerator: Accelerator) -> int:
         """The count at the measured pace (raised to `min_steps` within the limit, capped by
