@@ -66,7 +66,8 @@ def add_common_arguments(parser: argparse.ArgumentParser, learning_rate: float) 
     add("--max-steps", type=int, default=None, help="optimizer steps (caps the budget's count)")
     add("--time-budget-minutes", type=float, default=None, help="wall-clock budget: after ~40 "
         "steps the step time fixes the total step count (and the LR schedule) so the run ends "
-        "in time; the count is stored in checkpoints so resume is exact")
+        "in time, re-planned 3 times from the pace since the last plan; the count is stored in "
+        "checkpoints, and --resume keeps it")
     add("--min-steps", type=int, default=None, help="with --time-budget-minutes: train at least "
         "this many steps when the budget's count is lower, as far as --time-limit-minutes allows "
         "(for a stage that needs a number of steps to be useful on a slow machine)")
