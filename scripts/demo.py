@@ -139,18 +139,17 @@ def cpu_bf16_flags() -> tuple[str, ...]:
 
 def bf16_stages(args: argparse.Namespace) -> tuple[str, ...]:
     """The training stages that run under bf16 autocast."""
-    if args.precision == "bf16" or (args.precision == "auto" and args.device == "cuda"):
-        return ("tokenizer", "prior")
-    if args.precision == "auto" and cpu_bf16_flags():
-        # On 2 cores with AMX the prior's step took 0.068 s in bf16 against 0.101 s in fp32
-        # (attention kept in fp32, codegrid/precision.py); with AVX512-BF16 (an AMD EPYC)
-        # 0.107 s against 0.164 s. On one demo run's codes, 3900 bf16 steps (2714 fp32 steps'
-        # time by the AMX ratio) reached a validation loss of 0.220 and 90.5% / 56.5% of seen /
-        # held-out test prompts all right, against 0.241 and 85.0% / 55.0% (one pair of runs).
-        # The tokenizer is 0.6 dB lower than fp32 at equal steps on the EPYC but 1.26-1.4x
-        # faster: at equal time (2140 bf16 steps against 1700, two seeds) it reached 32.18 /
-        # 32.53 dB against 31.92 / 32.11 (docs/experiments.md). On the AMX Xeon it was 1.06 dB
-        # lower at 1800 steps for 1.24x the steps in the job; equal time was not measured there.
+    # On 2 cores with AMX the prior's step took 0.068 s in bf16 against 0.101 s in fp32
+    # (attention kept in fp32, codegrid/precision.py); with AVX512-BF16 (an AMD EPYC) 0.107 s
+    # against 0.164 s. On one demo run's codes, 3900 bf16 steps (2714 fp32 steps' time by the
+    # AMX ratio) reached a validation loss of 0.220 and 90.5% / 56.5% of seen / held-out test
+    # prompts all right, against 0.241 and 85.0% / 55.0% (one pair of runs). The tokenizer is
+    # 0.6 dB lower than fp32 at equal steps on the EPYC but 1.26-1.4x faster: at equal time (2140
+    # bf16 steps against 1700, two seeds) it reached 32.18 / 32.53 dB against 31.92 / 32.11
+    # (docs/experiments.md). On the AMX Xeon it was 1.06 dB lower at 1800 steps for 1.24x the
+    # steps in the job; equal time was not measured there.
+    native = args.device == "cuda" or cpu_bf16_flags()
+    if args.precision == "bf16" or (args.precision == "auto" and native):
         return ("tokenizer", "prior")
     return ()
 

@@ -90,7 +90,7 @@ class StepBudget:
         self.seconds_per_step: float | None = None
         if replans < 0:
             raise ValueError(f"replans={replans} must be >= 0 (0: the window's count is final)")
-        self.replans, self._replans_left = replans, replans
+        self._replans_left = replans
         self._replan_at: list[int] = []  # steps at which the count is re-planned
         self._planned: tuple[int, float] | None = None  # (step, time) of the last plan
         self.replanned_from: int | None = None  # the count before the last re-plan
