@@ -85,7 +85,8 @@ def test_tokenizer_stage_is_stretched_to_its_minimum_steps_within_half_the_budge
     demo.stage_tokenizer(args, tmp_path, minutes, [])
     argv = commands[0][2:]  # after the interpreter and the script
     parsed = train_tokenizer.parse_args(argv)
-    assert parsed.min_steps == demo.TOKENIZER_MIN_STEPS
+    assert parsed.min_steps * parsed.batch_size >= demo.TOKENIZER_MIN_IMAGES
+    assert (parsed.min_steps - 1) * parsed.batch_size < demo.TOKENIZER_MIN_IMAGES
     assert parsed.time_budget_minutes == pytest.approx(minutes, abs=1e-3)
     limit = demo.TOKENIZER_LIMIT_SHARE * args.budget_minutes - demo.STARTUP_MINUTES
     assert parsed.time_limit_minutes == pytest.approx(limit, abs=1e-3) and limit > minutes
