@@ -73,20 +73,28 @@ def test_demo_rejects_bad_flags(flag):
         demo.parse_args([flag])
 
 
+@pytest.mark.parametrize(
+    "batch_flags, batch, min_steps",
+    [
+        ([], 16, 2800),
+        (["--tokenizer-batch-size", "32"], 32, 1400),
+        (["--tokenizer-batch-size", "30"], 30, 1494),
+    ],
+)
 def test_tokenizer_stage_is_stretched_to_its_minimum_steps_within_half_the_budget(
-    tmp_path, monkeypatch
+    tmp_path, monkeypatch, batch_flags, batch, min_steps
 ):
-    """Without a step cap the tokenizer job gets --min-steps and a --time-limit-minutes of half
-    the budget (less start-up), flags that train_tokenizer.py accepts."""
+    """Without a step cap the tokenizer job gets --min-steps (the image floor in steps of its
+    batch, rounded up) and a --time-limit-minutes of half the budget (less start-up), flags that
+    train_tokenizer.py accepts."""
     commands: list[list[str]] = []
     monkeypatch.setattr(demo, "run", lambda command, log: commands.append(command))
-    args = demo.parse_args(["--output-dir", str(tmp_path)])
+    args = demo.parse_args(["--output-dir", str(tmp_path), *batch_flags])
     minutes = demo.stage_minutes("tokenizer", args, {"stages": {}})
     demo.stage_tokenizer(args, tmp_path, minutes, [])
     argv = commands[0][2:]  # after the interpreter and the script
     parsed = train_tokenizer.parse_args(argv)
-    assert parsed.min_steps * parsed.batch_size >= demo.TOKENIZER_MIN_IMAGES
-    assert (parsed.min_steps - 1) * parsed.batch_size < demo.TOKENIZER_MIN_IMAGES
+    assert (parsed.batch_size, parsed.min_steps) == (batch, min_steps)
     assert parsed.time_budget_minutes == pytest.approx(minutes, abs=1e-3)
     limit = demo.TOKENIZER_LIMIT_SHARE * args.budget_minutes - demo.STARTUP_MINUTES
     assert parsed.time_limit_minutes == pytest.approx(limit, abs=1e-3) and limit > minutes
