@@ -155,6 +155,11 @@ def bf16_stages(args: argparse.Namespace) -> tuple[str, ...]:
     return ()
 
 
+def tokenizer_batch_size(args: argparse.Namespace) -> int:
+    """--tokenizer-batch-size, or the device's default (why 16 on a CPU: train_settings)."""
+    return args.tokenizer_batch_size or (16 if args.device == "cpu" else 256)
+
+
 def train_settings(args: argparse.Namespace) -> dict:
     """Flags of the training jobs. The preset is fixed (32 px, 8x8 codes, 1024 codes); a GPU gets
     a wider tokenizer, larger batches and bf16 in the same wall time."""
@@ -168,7 +173,7 @@ def train_settings(args: argparse.Namespace) -> dict:
     # encoder's codes with code features, 2837 steps at batch 16 drew 87.0% / 48.0% of seen /
     # held-out test prompts all right at lr 1e-3, against 81.5% / 46.0% at 5e-4, 75.0% / 34.5%
     # at 2e-3 and 53.0% / 8.5% at 4e-3 (docs/experiments.md). The GPU rate is untested.
-    tokenizer_batch = args.tokenizer_batch_size or (16 if cpu else 256)
+    tokenizer_batch = tokenizer_batch_size(args)
     prior_batch = args.prior_batch_size or (16 if cpu else 256)
     prior_lr = "1e-3" if cpu else "3e-3"
     # L2 beat L1 by about 4 dB (29.4 vs 25.1 dB at equal steps): PSNR is an L2 measure, and the
@@ -208,7 +213,6 @@ def train_settings(args: argparse.Namespace) -> dict:
     return {
         "tokenizer": [str(flag) for flag in tokenizer],
         "prior": [str(flag) for flag in prior],
-        "tokenizer_batch_size": tokenizer_batch,
         "num_train_images": images,
         "num_validation_images": validation,
     }
@@ -288,7 +292,7 @@ def job(script: str, *flags: object) -> list[str]:
 
 def tokenizer_min_steps(args: argparse.Namespace) -> int:
     """The tokenizer's floor, TOKENIZER_MIN_IMAGES, in steps of the job's batch size."""
-    return -(-TOKENIZER_MIN_IMAGES // train_settings(args)["tokenizer_batch_size"])
+    return -(-TOKENIZER_MIN_IMAGES // tokenizer_batch_size(args))
 
 
 # ------------------------------------------------------------------ the stages
