@@ -29,6 +29,7 @@ from codegrid.io import (
     save_model_folder,
 )
 from prior.cache import KVCache
+from prior.distinct_text import image_hidden
 from prior.layers import Block, CodeFeatureEmbedding, Projection, apply_dropout, make_norm
 from prior.rope import rope_table
 
@@ -322,10 +323,15 @@ class Prior(nn.Module):
         image_inputs = torch.cat([boi, codes[:, :-1]], dim=1)  # (B, N)
         dropout = cfg.dropout if self.training else 0.0
         table = self.image_table()  # (V + 1, D)
-        hidden = self.backbone(
-            apply_dropout(self.embed(text_ids, image_inputs, table), dropout), 0, None, dropout
-        )
-        image_logits = self.image_logits(hidden[:, text_length:], table)  # (B, N, V)
+        if cfg.text_attention == "self" and self.text_head is None and dropout == 0:
+            # Each distinct text token once: the same logits, fewer rows (prior/distinct_text.py).
+            image = F.embedding(image_inputs, table)  # (B, N, D)
+            image_logits = self.image_logits(image_hidden(self, text_ids, image), table)  # (B,N,V)
+        else:
+            hidden = self.backbone(
+                apply_dropout(self.embed(text_ids, image_inputs, table), dropout), 0, None, dropout
+            )
+            image_logits = self.image_logits(hidden[:, text_length:], table)  # (B, N, V)
         image_loss = F.cross_entropy(image_logits.flatten(0, 1), codes.flatten())
         loss, text_loss = cfg.image_loss_weight * image_loss, None
         if self.text_head is not None:

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from prior_helpers import TINY, make_prior, random_batch
 
 from prior import PRESETS, Prior, PriorConfig, drop_captions
+from prior.distinct_text import image_hidden
 from prior.layers import attend
 from prior.rope import apply_rope, rope_real, rope_table
 
@@ -255,6 +256,38 @@ def test_gradient_checkpointing_gives_the_same_gradients(text_attention):
     model(text, codes).loss.backward()
     for expected, parameter in zip(plain, model.parameters()):
         torch.testing.assert_close(parameter.grad, expected)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        dict(),
+        dict(norm="layernorm", mlp="gelu"),
+        dict(tie_image_embeddings=True, code_feature_dim=5, code_feature_groups=(3, 2)),
+    ],
+)
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_distinct_text_pass_equals_the_full_sequence_pass(config, checkpointing):
+    """With text_attention="self" the forward runs each distinct text id once
+    (prior/distinct_text.py); its image logits and every gradient equal those of the backbone
+    over the whole sequence, with repeated ids and pads in the captions."""
+    model = make_prior(text_attention="self", **config).train()
+    model.gradient_checkpointing = checkpointing
+    text, codes = random_batch(model.config, batch=4)
+    text[:, -2:] = 0  # pads
+    text[1, :3] = text[0, :3]  # ids shared across captions and positions
+    text[2, 1] = text[2, 0]
+    length = model.config.text_length
+    full = model.image_logits(sequence_hidden(model, text, codes)[:, length:])  # (B, N, V)
+    expected_loss = F.cross_entropy(full.flatten(0, 1), codes.flatten())
+    expected = torch.autograd.grad(expected_loss, list(model.parameters()))
+    out = model(text, codes)
+    torch.testing.assert_close(out.image_logits, full, atol=1e-5, rtol=1e-5)
+    inputs = torch.cat([codes.new_full((4, 1), model.boi_id), codes.flatten(1)[:, :-1]], dim=1)
+    hidden = image_hidden(model, text, model.embed(text, inputs)[:, length:])  # (B, N, D)
+    torch.testing.assert_close(model.image_logits(hidden), full, atol=1e-5, rtol=1e-5)
+    for got, want in zip(torch.autograd.grad(out.loss, list(model.parameters())), expected):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
 
 
 def test_dropout_only_in_training_mode():
