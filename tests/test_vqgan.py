@@ -264,6 +264,31 @@ def test_group_norm_runs_in_fp32_under_cpu_autocast_and_keeps_the_keys(monkeypat
     assert seen == [torch.float32, torch.float32]
 
 
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_group_norm_under_cpu_autocast_normalises_nchw_and_keeps_the_layout(monkeypatch, layout):
+    """oneDNN's bf16 convolutions hand GroupNorm channels-last tensors; it normalises an NCHW
+    copy (the fast kernel) and returns the input's layout, with the values of nn.GroupNorm."""
+    import tokenizer.modules as modules
+
+    layouts, group_norm = [], F.group_norm
+
+    def recording(x, *args, **kwargs):
+        layouts.append(x.is_contiguous())
+        return group_norm(x, *args, **kwargs)
+
+    monkeypatch.setattr(modules.F, "group_norm", recording)
+    norm = GroupNorm(4, 8, eps=1e-6)
+    torch.nn.init.normal_(norm.weight), torch.nn.init.normal_(norm.bias)
+    x = torch.randn(2, 8, 5, 5, generator=torch.Generator().manual_seed(0)).bfloat16()
+    x = x.contiguous(memory_format=layout)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = norm(x)
+    assert layouts == [True]
+    assert out.is_contiguous(memory_format=layout) and out.dtype == torch.bfloat16
+    expected = group_norm(x.float().contiguous(), 4, norm.weight, norm.bias, 1e-6).bfloat16()
+    torch.testing.assert_close(out, expected, atol=0, rtol=0)
+
+
 def test_attention_block_runs_sdpa_in_fp32_under_cpu_autocast(monkeypatch):
     """AttnBlock goes through codegrid.precision's SDPA: fp32 on CPU under bf16 autocast (the
     bf16 CPU backward was 6x slower), with bf16 weights too; outputs close to the fp32 block."""

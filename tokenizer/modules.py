@@ -65,9 +65,22 @@ class GroupNorm(nn.GroupNorm):
         if not cpu_low_precision(x):
             return super().forward(x)  # CUDA's autocast already computes it in fp32
         weight, bias = (None if p is None else p.float() for p in (self.weight, self.bias))
+        # Under CPU autocast oneDNN's bf16 convolutions return channels-last tensors, on which
+        # group_norm's kernels were 4-5x slower than on NCHW ones (fwd + bwd of (16, 32, 32, 32):
+        # 1.42 ms against 0.27 ms on 2 cores): normalise an NCHW copy, hand back x's layout.
+        layout = torch.channels_last if channels_last(x) else torch.contiguous_format
         with torch.autocast("cpu", enabled=False):
-            h = F.group_norm(x.float(), self.num_groups, weight, bias, self.eps)
-        return h.to(x.dtype)
+            h = F.group_norm(x.float().contiguous(), self.num_groups, weight, bias, self.eps)
+        return h.to(x.dtype).contiguous(memory_format=layout)
+
+
+def channels_last(x: torch.Tensor) -> bool:
+    """True for a 4D tensor laid out channels-last (and not also NCHW-contiguous)."""
+    return (
+        x.dim() == 4
+        and x.is_contiguous(memory_format=torch.channels_last)
+        and not x.is_contiguous()
+    )
 
 
 def normalization(channels: int, norm: str = "group") -> nn.Module:
