@@ -87,9 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="self-attention in the encoder and decoder mid blocks (taming always has it; "
         "default: the preset's)")
     add("--norm", choices=NORMS, default=None,
-        help="'group': taming's GroupNorm, whose statistics span the whole image; 'channel': a "
+        help="'group': taming's GroupNorm (32 groups), whose statistics span the whole image; "
+        "'layer': GroupNorm with one group, which keeps each channel's mean; 'channel': a "
         "LayerNorm over the channels of each position, so a code depends on its neighbourhood "
-        "only (default: the preset's)")
+        "only; 'none': no normalisation (default: the preset's)")
     add("--encoder", choices=ENCODERS, default=None,
         help="'conv': taming's convolutional encoder (a code sees the whole image); 'patch': a "
         "per-patch MLP, so a code depends on its own f x f patch only (default: the preset's)")

@@ -10,7 +10,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from codegrid.io import config_from_dict
 from tokenizer import PRESETS, VQGAN, ImageTokenizer, VQGANConfig
-from tokenizer.modules import AttnBlock, ChannelNorm, GroupNorm
+from tokenizer.modules import NORMS, AttnBlock, ChannelNorm, GroupNorm
 
 TINY = {  # taming's encoder; the "patch-encoder" variant and the tests that name it switch
     "encoder": "conv",
@@ -133,6 +133,27 @@ def test_channel_norm_is_local_and_keeps_the_keys(tmp_path):
     assert loaded.config.norm == "channel" and torch.equal(loaded.encode(x), channel.encode(x))
     with pytest.raises(ValueError, match="norm='batch'"):
         tiny_config(norm="batch")
+
+
+@pytest.mark.parametrize("encoder", ["patch", "conv"])
+@pytest.mark.parametrize("norm", NORMS)
+def test_every_norm_decodes_the_same_with_and_without_autograd(tmp_path, norm, encoder):
+    """Without autograd the blocks write swish and the residual in place; with norm="none" the
+    norm hands back its input, which must survive for the residual. The decoded images match
+    the autograd forward, and norm="none" has no norm weights in the decoder and survives save/load."""
+    model = tiny_model(norm=norm, encoder=encoder).eval()
+    codes = torch.randint(0, model.codebook_size, (2, 4, 4))
+    latents = model.quantize.lookup(codes)  # (B, D, h, w)
+    with torch.no_grad():
+        fast = model.decode_latents(latents)
+    torch.testing.assert_close(fast, model.decode_latents(latents).detach())
+    norm_keys = [key for key in model.state_dict() if key.startswith("decoder.") and ".norm" in key]
+    assert (norm_keys == []) == (norm == "none")  # the patch encoder keeps its own ChannelNorms
+    if norm == "layer":  # one group: GroupNorm's keys, one mean and variance per image
+        assert model.decoder.norm_out.num_groups == 1 and norm_keys
+    model.save_pretrained(tmp_path / "vq")
+    loaded = VQGAN.from_pretrained(tmp_path / "vq")
+    assert loaded.config.norm == norm and torch.equal(loaded.decode(codes), model.decode(codes))
 
 
 @pytest.mark.parametrize("encoder", ["patch", "conv"])

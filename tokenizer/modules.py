@@ -27,7 +27,7 @@ from codegrid.precision import cpu_low_precision, scaled_dot_product_attention
 NORM_GROUPS = 32  # taming's GroupNorm(32, eps=1e-6)
 
 
-NORMS = ("group", "channel")
+NORMS = ("group", "layer", "channel", "none")
 
 
 class ChannelNorm(nn.Module):
@@ -86,11 +86,24 @@ def channels_last(x: torch.Tensor) -> bool:
 def normalization(channels: int, norm: str = "group") -> nn.Module:
     """`norm="group"`: GroupNorm with 32 groups when `channels` allows it, else the largest
     divisor below 32 (taming always uses 32; narrow CPU models of 16 or 48 channels need fewer).
-    `norm="channel"`: `ChannelNorm`, which is spatially local.
+    `norm="layer"`: GroupNorm with one group, i.e. one mean and variance over all channels and
+    positions of an image (Wu & He 2018: GN with G = 1 is LayerNorm); same keys as "group".
+    `norm="channel"`: `ChannelNorm`, which is spatially local. `norm="none"`: an identity (the
+    blocks then have no norm keys).
+
+    With one channel per group, as in the CPU presets' 16- and 32-channel decoders, GroupNorm is
+    instance normalisation: it removes each channel's image-wide mean and scale, which the
+    decoder must put back from what the codes say (StyleGAN2 replaced such per-feature-map
+    normalisation for the artefacts it caused, Karras et al. 2020). On Shapes, reconstructions
+    of some runs came back with tinted backgrounds; one group keeps every channel's mean
+    relative to the others (docs/experiments.md).
     """
     if norm == "channel":
         return ChannelNorm(channels)
-    return GroupNorm(math.gcd(NORM_GROUPS, channels), channels, eps=1e-6, affine=True)
+    if norm == "none":
+        return nn.Identity()
+    groups = 1 if norm == "layer" else math.gcd(NORM_GROUPS, channels)
+    return GroupNorm(groups, channels, eps=1e-6, affine=True)
 
 
 class ResnetBlock(nn.Module):
@@ -117,7 +130,9 @@ class ResnetBlock(nn.Module):
         # Without autograd, swish and the residual add write into tensors nobody reads again:
         # one allocation and one memory pass fewer each (same values).
         inplace = not torch.is_grad_enabled()
-        h = self.conv1(F.silu(self.norm1(x), inplace=inplace))
+        h = self.norm1(x)
+        # With norm="none" norm1 hands back x itself, which the residual below still reads.
+        h = self.conv1(F.silu(h, inplace=inplace and h is not x))
         h = self.conv2(self.dropout(F.silu(self.norm2(h), inplace=inplace)))
         if self.nin_shortcut is not None:
             x = self.nin_shortcut(x)
