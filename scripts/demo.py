@@ -190,7 +190,7 @@ def train_settings(args: argparse.Namespace) -> dict:
         # No norms in the decoder: a bf16 step took 0.033-0.039 s against 0.041-0.055 s with
         # GroupNorm (2 threads, interleaved). At 3000 steps, seeds 0 and 1, it reached 33.7-33.9
         # dB against 31.9-32.0, seen / held-out ceilings 83.8 / 73.8% and 78.0 / 68.5% against
-        # 83.3 / 72.0% and 76.2 / 63.2%. Three demo runs: 34.41-34.58 dB against 31.44-32.50,
+        # 83.3 / 72.0% and 76.2 / 63.2%. Four demo runs: 34.41-34.58 dB against 31.44-32.50,
         # 84.0-87.5% / 49.0-54.5% of seen / held-out prompts against 81.0-85.5% / 50.0-61.5%
         # in five with GroupNorm (docs/experiments.md). The GPU keeps the preset's GroupNorm.
         tokenizer += ["--norm", "none"]
