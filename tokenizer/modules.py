@@ -107,7 +107,7 @@ def normalization(channels: int, norm: str = "group") -> nn.Module:
 
 
 class ResnetBlock(nn.Module):
-    """(GroupNorm -> swish -> conv3x3) x 2 plus a residual; 1x1 `nin_shortcut` if channels change.
+    """(norm -> swish -> conv3x3) x 2 plus a residual; 1x1 `nin_shortcut` if channels change.
 
     (B, in_channels, H, W) -> (B, out_channels, H, W).
     """
