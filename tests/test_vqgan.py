@@ -140,7 +140,8 @@ def test_channel_norm_is_local_and_keeps_the_keys(tmp_path):
 def test_every_norm_decodes_the_same_with_and_without_autograd(tmp_path, norm, encoder):
     """Without autograd the blocks write swish and the residual in place; with norm="none" the
     norm hands back its input, which must survive for the residual. The decoded images match
-    the autograd forward, and norm="none" has no norm weights in the decoder and survives save/load."""
+    the autograd forward, norm="none" leaves the decoder without norm weights, and every norm
+    survives save/load."""
     model = tiny_model(norm=norm, encoder=encoder).eval()
     codes = torch.randint(0, model.codebook_size, (2, 4, 4))
     latents = model.quantize.lookup(codes)  # (B, D, h, w)
