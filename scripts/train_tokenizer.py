@@ -63,6 +63,8 @@ QUANTIZER_FLAGS = {
     "mid_attention": "mid_attention",
     "norm": "norm",
     "encoder": "encoder",
+    "code_search_candidates": "code_search_candidates",
+    "code_search_threshold": "code_search_threshold",
 }
 
 
@@ -110,6 +112,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="EMA codebook updates instead of the codebook loss")
     add("--beta", type=float, default=None, help="commitment weight (default 0.25)")
     add("--entropy-weight", type=float, default=None, help="codebook entropy penalty weight")
+    add("--code-search-candidates", type=int, default=None,
+        help="saved with the tokenizer: its encode (code extraction, evaluation) chooses each "
+        "code among its R latent-nearest by the error of the decoded image, at about 4R "
+        "decodes per batch; training is unchanged; 1 = the nearest code (default: the preset's)")
+    add("--code-search-threshold", type=float, default=None,
+        help="least fall of the squared error ([-1, 1] units, summed over channels and the 3x3 "
+        "codes around it) for the search to swap a code (default: the preset's)")
     add("--data", default="shapes", help="'shapes', an image folder, .tar shards, a "
         "save_to_disk folder or a datasets name (validation split: 'validation' if present)")
     add("--resolution", type=int, default=32, help="image side; a multiple of the downsample "
@@ -167,7 +176,8 @@ def validate_args(args: argparse.Namespace) -> None:
     checks.require_positive(args, "codebook_size", "codebook_dim", "adam_epsilon")
     checks.require_positive(args, "disc_layers", "disc_channels", "disc_learning_rate")
     checks.require_non_negative(args, "perceptual_weight", "disc_weight", "lecam_weight")
-    checks.require_non_negative(args, "edge_weight")
+    checks.require_non_negative(args, "edge_weight", "code_search_threshold")
+    checks.require_positive(args, "code_search_candidates")
     checks.require_fraction(args, "channel_shuffle")
     checks.require_non_negative(args, "disc_start", "disc_warmup_steps", "weight_decay")
     if args.disc_weight > 0 and args.resolution < 3 * 2**args.disc_layers:
@@ -183,6 +193,7 @@ def validate_args(args: argparse.Namespace) -> None:
             f"--resolution={args.resolution} is invalid; allowed: a multiple of the downsample "
             f"factor {factor} of --preset {args.preset}, e.g. {example}"
         )
+    model_config(args)  # the flags together (e.g. FSQ with a code search) must form a config
 
 
 def model_config(args: argparse.Namespace) -> VQGANConfig:

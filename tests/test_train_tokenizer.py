@@ -35,6 +35,7 @@ def test_two_steps_then_resume(tmp_path):
     out = tmp_path / "run"
     gan = "--disc-weight 0.5 --disc-start 1 --disc-warmup-steps 0 --lecam-weight 0.01"
     flags = cli(gan, "--ema-decay 0.9 --checkpoint-every 2 --edge-weight 1")
+    flags += cli("--code-search-candidates 2")
     train(out, "--max-steps 2 --report-to tensorboard --eval-every 2", flags)
     assert (out / "checkpoints" / "step-00000002" / "manifest.json").is_file()
     assert list((out / "tensorboard").rglob("events.out.tfevents.*"))
@@ -59,7 +60,7 @@ def test_two_steps_then_resume(tmp_path):
     for folder in ("final", "best"):
         model = VQGAN.from_pretrained(out / folder)
         codes = model.encode(torch.zeros(1, 3, 16, 16))
-        assert codes.shape == (1, 4, 4)
+        assert codes.shape == (1, 4, 4) and model.config.code_search_candidates == 2
         assert 0 <= int(codes.min()) <= int(codes.max()) < model.codebook_size == 1024
 
 
@@ -77,6 +78,12 @@ def test_two_steps_then_resume(tmp_path):
         ("--edge-weight -1", "--edge-weight=-1.0 is invalid"),
         ("--channel-shuffle 1.5", r"--channel-shuffle=1.5 is invalid; allowed: a number in \[0,"),
         ("--min-steps 0", "--min-steps=0 is invalid; allowed: a number > 0"),
+        ("--code-search-candidates 0", "--code-search-candidates=0 is invalid; allowed: a num"),
+        ("--code-search-threshold -1", "--code-search-threshold=-1.0 is invalid"),
+        (
+            "--quantizer fsq --fsq-levels 4,4 --code-search-candidates 2",
+            r"code_search_candidates=2 is invalid; allowed: 1 with quantizer='fsq'",
+        ),
         ("--min-steps 10", "--min-steps=10 needs --time-budget-minutes"),
         ("--time-budget-minutes 2 --time-limit-minutes 1", "--time-limit-minutes=1.0 is below"),
     ],

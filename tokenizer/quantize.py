@@ -167,10 +167,21 @@ class VectorQuantizer(_CodeUsage):
     @torch.no_grad()
     def encode_indices(self, z: torch.Tensor) -> torch.Tensor:
         """Codes only, no state change: z (B, D, h, w) -> (B, h, w) int64."""
+        return self.nearest_indices(z, 1)[..., 0]  # (B, h, w)
+
+    @torch.no_grad()
+    def nearest_indices(self, z: torch.Tensor, count: int) -> torch.Tensor:
+        """The `count` nearest codes of each latent, nearest first: z (B, D, h, w) ->
+        (B, h, w, count) int64. No state change."""
         batch, _, height, width = z.shape
         with torch.autocast(z.device.type, enabled=False):
-            distances = self._distances(self._flatten(z), self.codebook())
-        return distances.argmin(1).view(batch, height, width)  # (B, h, w)
+            distances = self._distances(self._flatten(z), self.codebook())  # (N, K)
+        nearest = distances.argmin(1, keepdim=True)  # (N, 1)
+        if count > 1:
+            others = distances.topk(count, dim=1, largest=False).indices  # (N, count)
+            # the first column stays argmin, whose ties the training forward breaks the same way
+            nearest = torch.cat([nearest, others[:, 1:]], dim=1)  # (N, count)
+        return nearest.view(batch, height, width, count)  # (B, h, w, count)
 
     def lookup(self, indices: torch.Tensor) -> torch.Tensor:
         """Codes (B, h, w) -> codebook vectors (B, D, h, w) fp32 (unit norm in l2 mode)."""

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from codegrid.io import load_model_folder, load_state_dict_strict, save_model_folder
+from tokenizer.code_search import search_codes
 from tokenizer.modules import NORMS, Decoder, Encoder, PatchEncoder
 from tokenizer.quantize import FSQ, RESTART_SOURCES, VectorQuantizer
 
@@ -51,6 +52,11 @@ class VQGANConfig:
     f x f patch, with a width of 4 * ch * ch_mult[-1] and num_res_blocks + 1 MLP blocks
     (attn_resolutions, mid_attention and norm then shape the decoder only). The defaults are
     the "cpu-tiny" preset but for its encoder, restarts and mid-block attention.
+
+    `code_search_candidates` R > 1 (vq only) makes `encode` choose each code among its R
+    latent-nearest codes by the error of the decoded image (`tokenizer.code_search`), swapping
+    only where the error around it falls by more than `code_search_threshold`; 1 is the
+    nearest code. Training is unchanged; only encoding (code extraction, evaluation) searches.
     """
 
     resolution: int = 32
@@ -78,6 +84,8 @@ class VQGANConfig:
     entropy_weight: float = 0.0
     entropy_temperature: float = 0.01
     fsq_levels: tuple[int, ...] = ()
+    code_search_candidates: int = 1
+    code_search_threshold: float = 0.3
 
     def __post_init__(self) -> None:
         for name in ("ch_mult", "attn_resolutions", "fsq_levels"):
@@ -135,6 +143,12 @@ class VQGANConfig:
             "restart_from": (self.restart_from in RESTART_SOURCES, f"one of {RESTART_SOURCES}"),
             "entropy_weight": (self.entropy_weight >= 0, ">= 0"),
             "entropy_temperature": (self.entropy_temperature > 0, "> 0"),
+            "code_search_candidates": (
+                isinstance(self.code_search_candidates, int)
+                and 1 <= self.code_search_candidates <= self.codebook_size,
+                f"an integer from 1 to codebook_size={self.codebook_size}",
+            ),
+            "code_search_threshold": (self.code_search_threshold >= 0, ">= 0"),
         }
         for name, (ok, allowed) in checks.items():
             if not ok:
@@ -151,6 +165,9 @@ class VQGANConfig:
         for name in (*_VQ_ONLY_FLAGS, "entropy_weight"):
             if getattr(self, name):
                 raise _invalid(name, getattr(self, name), "False/0 with quantizer='fsq'")
+        if self.code_search_candidates != 1:
+            allowed = "1 with quantizer='fsq' (FSQ rounds each digit; it ranks no codebook)"
+            raise _invalid("code_search_candidates", self.code_search_candidates, allowed)
 
     @classmethod
     def from_preset(cls, name: str, **overrides: object) -> VQGANConfig:
@@ -342,9 +359,17 @@ class VQGAN(nn.Module):
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """Images (B, C, H, W) in [-1, 1] -> codes (B, H/f, W/f) int64. No state changes."""
+        """Images (B, C, H, W) in [-1, 1] -> codes (B, H/f, W/f) int64. No state changes.
+
+        The nearest codes, or with `config.code_search_candidates` R > 1 the codes chosen
+        among the R nearest by the decoded error (`tokenizer.code_search`; about 4R decodes)."""
         self._check_images(images)
-        return self.quantize.encode_indices(self.quant_conv(self.encoder(images)))
+        latents = self.quant_conv(self.encoder(images))  # (B, codebook_dim, h, w)
+        count = self.config.code_search_candidates
+        if count == 1:
+            return self.quantize.encode_indices(latents)
+        candidates = self.quantize.nearest_indices(latents, count)  # (B, h, w, R)
+        return search_codes(self.decode, images, candidates, self.config.code_search_threshold)
 
     def decode_latents(self, quantized: torch.Tensor) -> torch.Tensor:
         """Quantized latents (B, codebook_dim, h, w) -> images (B, C, h*f, w*f), unclamped."""
@@ -399,10 +424,15 @@ class VQGAN(nn.Module):
         return model.to(device).eval() if device is not None else model.eval()
 
     def identity(self) -> dict[str, object]:
-        """JSON-able fingerprint: sha256 of the canonical config JSON and of the state_dict
+        """JSON-able fingerprint: sha256 of the canonical config JSON (the code search's fields
+        only when it searches, since they change no code otherwise) and of the state_dict
         (key, dtype, shape and raw bytes of every tensor in sorted key order), codebook size,
         downsample factor and the code grid at the configured resolution."""
-        config_json = json.dumps(dataclasses.asdict(self.config), sort_keys=True)
+        config = dataclasses.asdict(self.config)
+        if config["code_search_candidates"] == 1:
+            # The nearest code, as before the search existed: codes extracted then stay valid.
+            del config["code_search_candidates"], config["code_search_threshold"]
+        config_json = json.dumps(config, sort_keys=True)
         digest = hashlib.sha256()
         for key, tensor in sorted(self.state_dict().items()):
             tensor = tensor.detach().cpu().contiguous()
