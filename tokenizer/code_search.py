@@ -64,10 +64,11 @@ def search_codes(
         active = (chosen & (error > threshold)).flatten(1).any(1)  # (B,)
         if not active.any():
             continue
-        trial_images, best = images[active], codes[active]  # (A, C, H, W), (A, h, w)
+        trial_images, current = images[active], codes[active]  # (A, C, H, W), (A, h, w)
+        options, best = candidates[active], current  # (A, h, w, R), (A, h, w)
         best_error = error[active] - threshold  # (A, h, w)
         for rank in range(1, num_candidates):
-            trial = torch.where(chosen, candidates[active][..., rank], codes[active])  # (A, h, w)
+            trial = torch.where(chosen, options[..., rank], current)  # (A, h, w)
             trial_error = window_error(decode(trial), trial_images, factor)  # (A, h, w)
             better = chosen & (trial_error < best_error)  # (A, h, w)
             best = torch.where(better, trial, best)
