@@ -7,6 +7,8 @@ pipeline/
   image_tokenizer/       the component's own save_pretrained folder
   prior/
   text_tokenizer/
+  scorer/                optional: the candidate reranker (`[null, null]` in model_index.json
+                         when absent, diffusers' convention for a missing optional component)
 ```
 
 Component classes are resolved through an explicit allowlist (never an import string), so a
@@ -25,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from codegrid.io import config_from_dict, fsync_path
+from pipelines.scorer import ImageTextScorer
 from prior import Prior, TextTokenizer
 from tokenizer import VQGAN
 
@@ -32,12 +35,15 @@ MODEL_INDEX_NAME = "model_index.json"
 PIPELINE_CONFIG_NAME = "pipeline_config.json"
 PIPELINE_CLASS_NAME = "TextToImagePipeline"
 COMPONENT_NAMES = ("image_tokenizer", "prior", "text_tokenizer")
+OPTIONAL_COMPONENT_NAMES = ("scorer",)
+ABSENT_ENTRY = [None, None]
 
 # (library, class name) -> class, per component. Only these can be loaded from a folder.
 LOADABLE_CLASSES: dict[str, dict[tuple[str, str], type]] = {
     "image_tokenizer": {("tokenizer", "VQGAN"): VQGAN},
     "prior": {("prior", "Prior"): Prior},
     "text_tokenizer": {("prior", "TextTokenizer"): TextTokenizer},
+    "scorer": {("pipelines", "ImageTextScorer"): ImageTextScorer},
 }
 
 
@@ -52,6 +58,10 @@ class PipelineConfig:
         top_k: keep the k most likely codes (None: all).
         top_p: nucleus sampling mass in (0, 1] (None: off).
         max_batch_size: the most images sampled in one forward batch (CFG doubles the rows).
+        num_candidates: codes sampled per returned image; above 1 the pipeline keeps the one
+            with the best rerank score (needs a scorer, or likelihood_weight > 0).
+        likelihood_weight: >= 0; the rerank score is the scorer's image-caption cosine plus
+            this weight times the prior's log p(codes | caption) in nats.
     """
 
     resolution: int
@@ -60,6 +70,8 @@ class PipelineConfig:
     top_k: int | None = None
     top_p: float | None = None
     max_batch_size: int = 64
+    num_candidates: int = 1
+    likelihood_weight: float = 0.0
 
 
 def _check_number(name: str, value: Any, low: float, low_inclusive: bool, kind: type) -> None:
@@ -83,6 +95,8 @@ def validate_sampling_values(
     top_p: Any = None,
     max_batch_size: Any = None,
     codebook_size: int | None = None,
+    num_candidates: Any = None,
+    likelihood_weight: Any = None,
 ) -> None:
     """Raise ValueError naming the argument if a given (non-None) sampling value is out of range."""
     if guidance_scale is not None:
@@ -102,13 +116,23 @@ def validate_sampling_values(
             raise ValueError(f"top_p={top_p!r} must lie in (0, 1]; use None to disable it")
     if max_batch_size is not None:
         _check_number("max_batch_size", max_batch_size, 1, True, int)
+    if num_candidates is not None:
+        _check_number("num_candidates", num_candidates, 1, True, int)
+    if likelihood_weight is not None:
+        _check_number("likelihood_weight", likelihood_weight, 0.0, True, float)
 
 
 def validated_config(config: PipelineConfig) -> PipelineConfig:
     """Check every field of a PipelineConfig; return it unchanged."""
     _check_number("resolution", config.resolution, 1, True, int)
     validate_sampling_values(
-        config.guidance_scale, config.temperature, config.top_k, config.top_p, config.max_batch_size
+        config.guidance_scale,
+        config.temperature,
+        config.top_k,
+        config.top_p,
+        config.max_batch_size,
+        num_candidates=config.num_candidates,
+        likelihood_weight=config.likelihood_weight,
     )
     return config
 
@@ -170,6 +194,8 @@ def read_model_index(directory: Path) -> dict[str, Any]:
     missing = [name for name in COMPONENT_NAMES if name not in index]
     if missing:
         raise ValueError(f"{path}: missing component entries {missing}")
+    for name in OPTIONAL_COMPONENT_NAMES:  # folders written before the component existed
+        index.setdefault(name, ABSENT_ENTRY)
     return index
 
 

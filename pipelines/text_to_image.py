@@ -4,6 +4,7 @@
 from pipelines import TextToImagePipeline
 pipe = TextToImagePipeline.from_pretrained("outputs/demo/pipeline")
 images = pipe("a red circle", num_images_per_prompt=4, generator=torch.Generator().manual_seed(0)).images
+best = pipe("a red circle", num_candidates=16).images  # keep the best of 16 (needs a scorer)
 ```
 """
 
@@ -12,8 +13,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import threading
-from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +20,13 @@ import torch
 from tqdm.auto import tqdm
 
 from codegrid.io import atomic_directory
+from pipelines.candidates import CandidateSet, Generators, row_generators
 from pipelines.output import OUTPUT_TYPES, ImagePipelineOutput, postprocess
 from pipelines.serialization import (
+    ABSENT_ENTRY,
     COMPONENT_NAMES,
     MODEL_INDEX_NAME,
+    OPTIONAL_COMPONENT_NAMES,
     PIPELINE_CONFIG_NAME,
     PipelineConfig,
     component_entry,
@@ -32,24 +34,11 @@ from pipelines.serialization import (
     read_model_index,
     read_pipeline_config,
     resolve_component_class,
-    validate_sampling_values,
     validated_config,
     write_json,
 )
-from prior import generate
-
-Generators = torch.Generator | Sequence[torch.Generator] | None
-
-
-@dataclass(frozen=True)
-class SamplingSettings:
-    """The resolved sampling arguments of one call (call arguments over saved defaults)."""
-
-    guidance_scale: float
-    temperature: float
-    top_k: int | None
-    top_p: float | None
-    max_batch_size: int
+from pipelines.settings import SamplingSettings, check_components, resolve_settings
+from prior import code_log_likelihood, generate
 
 
 class TextToImagePipeline:
@@ -67,6 +56,8 @@ class TextToImagePipeline:
         prior: a `prior.Prior` whose `config.codebook_size` and `config.image_grid` match the
             image tokenizer's `codebook_size` and `latent_shape(resolution, resolution)`.
         text_tokenizer: a `prior.TextTokenizer` with the prior's text length.
+        scorer: optional `pipelines.scorer.ImageTextScorer` over the same text tokenizer's
+            ids; with `num_candidates` > 1 it reranks the sampled candidates.
         config: sampling defaults (`PipelineConfig` or dict); None derives the resolution from
             the image tokenizer and uses the default sampling values.
     """
@@ -77,59 +68,30 @@ class TextToImagePipeline:
         prior: Any,
         text_tokenizer: Any,
         config: PipelineConfig | dict | None = None,
+        scorer: Any = None,
     ) -> None:
         self.image_tokenizer = image_tokenizer
         self.prior = prior
         self.text_tokenizer = text_tokenizer
+        self.scorer = scorer
         if isinstance(config, dict):
             config = PipelineConfig(**config)
         if config is None:
             config = PipelineConfig(resolution=self._default_resolution())
         self.config = validated_config(config)
         self._text_lock = threading.Lock()
-        self._check_components()
-        for component in (image_tokenizer, prior):
+        check_components(image_tokenizer, prior, text_tokenizer, scorer, self.config.resolution)
+        for component in (image_tokenizer, prior, scorer):
             if isinstance(component, torch.nn.Module):
                 component.eval()  # sampling never trains: dropout off, quantizer statistics frozen
 
-    # ---------------------------------------------------------------- construction checks
+    # ---------------------------------------------------------------- construction
     def _default_resolution(self) -> int:
         """The image tokenizer's training resolution, or the prior's grid times the downsampling."""
         resolution = getattr(getattr(self.image_tokenizer, "config", None), "resolution", None)
         if isinstance(resolution, int):
             return resolution
         return int(self.prior.config.image_grid[0]) * int(self.image_tokenizer.downsample_factor)
-
-    def _check_components(self) -> None:
-        """Fail early, naming both sides, when the three components don't fit together."""
-        prior_config, resolution = self.prior.config, self.config.resolution
-        if int(prior_config.codebook_size) != int(self.image_tokenizer.codebook_size):
-            raise ValueError(
-                f"codebook mismatch: prior.config.codebook_size={prior_config.codebook_size} but "
-                f"image_tokenizer.codebook_size={self.image_tokenizer.codebook_size}; train the "
-                "prior on codes extracted with this image tokenizer"
-            )
-        grid = tuple(
-            int(side) for side in self.image_tokenizer.latent_shape(resolution, resolution)
-        )
-        if grid != tuple(int(side) for side in prior_config.image_grid):
-            raise ValueError(
-                f"grid mismatch: prior.config.image_grid={tuple(prior_config.image_grid)} but the "
-                f"image tokenizer gives {grid} codes at resolution {resolution}; set "
-                "config.resolution or use a prior trained on this tokenizer's codes"
-            )
-        text_length = getattr(prior_config, "text_length", None)
-        if text_length is not None and int(self.text_tokenizer.text_length) != int(text_length):
-            raise ValueError(
-                f"text length mismatch: text_tokenizer.text_length={self.text_tokenizer.text_length} "
-                f"but prior.config.text_length={text_length}; use the prior's own text tokenizer"
-            )
-        vocab = getattr(prior_config, "text_vocab_size", None)
-        if vocab is not None and int(self.text_tokenizer.vocab_size) > int(vocab):
-            raise ValueError(
-                f"text vocabulary mismatch: text_tokenizer.vocab_size={self.text_tokenizer.vocab_size}"
-                f" exceeds prior.config.text_vocab_size={vocab}; use the prior's own text tokenizer"
-            )
 
     # ---------------------------------------------------------------- serialisation
     @classmethod
@@ -139,6 +101,7 @@ class TextToImagePipeline:
         image_tokenizer: Any = None,
         prior: Any = None,
         text_tokenizer: Any = None,
+        scorer: Any = None,
     ) -> TextToImagePipeline:
         """Load a folder written by `save_pretrained`; a component passed here replaces the saved one.
 
@@ -153,11 +116,14 @@ class TextToImagePipeline:
             "image_tokenizer": image_tokenizer,
             "prior": prior,
             "text_tokenizer": text_tokenizer,
+            "scorer": scorer,
         }
         components = {}
-        for name in COMPONENT_NAMES:
+        for name in COMPONENT_NAMES + OPTIONAL_COMPONENT_NAMES:
             if overrides[name] is not None:
                 components[name] = overrides[name]
+                continue
+            if name in OPTIONAL_COMPONENT_NAMES and index[name] == ABSENT_ENTRY:
                 continue
             component_class = resolve_component_class(name, index[name], folder / MODEL_INDEX_NAME)
             components[name] = component_class.from_pretrained(folder / name)
@@ -171,20 +137,24 @@ class TextToImagePipeline:
             ValueError: a component can't be serialised (an adapter without `save_pretrained`, or
                 a class outside the loadable allowlist). Nothing is written in that case.
         """
-        entries = {name: component_entry(name, getattr(self, name)) for name in COMPONENT_NAMES}
+        present = [name for name in OPTIONAL_COMPONENT_NAMES if getattr(self, name) is not None]
+        saved = COMPONENT_NAMES + tuple(present)
+        entries = {name: component_entry(name, getattr(self, name)) for name in saved}
+        absent = {name: ABSENT_ENTRY for name in OPTIONAL_COMPONENT_NAMES if name not in saved}
         with atomic_directory(directory) as tmp:
-            for name in COMPONENT_NAMES:
+            for name in saved:
                 getattr(self, name).save_pretrained(tmp / name)
             write_json(tmp / PIPELINE_CONFIG_NAME, dataclasses.asdict(self.config))
             # Written last, so even the temporary folder is never a loadable pipeline.
-            write_json(tmp / MODEL_INDEX_NAME, model_index(entries))
+            write_json(tmp / MODEL_INDEX_NAME, model_index({**entries, **absent}))
         return Path(directory)
 
     def to(
         self, device: str | torch.device | None = None, dtype: torch.dtype | None = None
     ) -> TextToImagePipeline:
-        """Move the prior and the image tokenizer (if it is a module) to `device` / `dtype`."""
-        for component in (self.prior, self.image_tokenizer):
+        """Move the prior, the scorer and the image tokenizer (if it is a module) to `device` /
+        `dtype`."""
+        for component in (self.prior, self.image_tokenizer, self.scorer):
             if callable(getattr(component, "to", None)):
                 component.to(device=device, dtype=dtype)
         return self
@@ -208,6 +178,8 @@ class TextToImagePipeline:
         output_type: str = "pil",
         show_progress: bool = True,
         max_batch_size: int | None = None,
+        num_candidates: int | None = None,
+        likelihood_weight: float | None = None,
     ) -> ImagePipelineOutput:
         """Sample `num_images_per_prompt` images for each prompt.
 
@@ -222,54 +194,123 @@ class TextToImagePipeline:
                 slower), so results don't depend on `max_batch_size` or on the other prompts.
             output_type: "pil" (list of images), "np" (B, H, W, 3) or "pt" (B, 3, H, W), in [0, 1].
             show_progress: show a tqdm bar over sampled images.
+            num_candidates: codes sampled per returned image (>= 1; None: the saved default).
+                Above 1, each image is the candidate with the best `sample_candidates` score,
+                and the call costs about num_candidates times as much.
+            likelihood_weight: >= 0, the weight of the prior's log-likelihood in that score
+                (None: the saved default).
 
         Returns:
             ImagePipelineOutput with `images` and `codes` (B, h, w), B = len(prompts) * count.
         """
         prompts = _check_prompts(prompt)
-        settings = self._resolve_settings(
-            num_images_per_prompt, guidance_scale, temperature, top_k, top_p, max_batch_size
+        settings = resolve_settings(
+            self.config,
+            int(self.prior.config.codebook_size),
+            num_images_per_prompt,
+            guidance_scale,
+            temperature,
+            top_k,
+            top_p,
+            max_batch_size,
+            num_candidates,
+            likelihood_weight,
         )
         if output_type not in OUTPUT_TYPES:
             raise ValueError(
                 f"output_type={output_type!r} is not supported; use one of {OUTPUT_TYPES}"
             )
-        generators = _per_image_generators(generator, len(prompts), num_images_per_prompt)
-        text_ids = self._encode_prompts(prompts, num_images_per_prompt)  # (B, T)
-        codes = self._sample_codes(text_ids, settings, generators, show_progress)  # (B, h, w)
-        images = self._decode(codes, settings.max_batch_size)  # (B, 3, H, W) in [-1, 1]
+        if settings.num_candidates > 1:
+            if self.scorer is None and settings.likelihood_weight == 0:
+                raise ValueError(
+                    f"num_candidates={settings.num_candidates} needs a way to choose: this "
+                    "pipeline has no scorer, so pass likelihood_weight > 0 (rank by the prior's "
+                    "likelihood alone) or load a pipeline with a scorer (scripts/train_scorer.py, "
+                    "scripts/make_pipeline.py --scorer)"
+                )
+            candidates = self._candidates(
+                prompts, num_images_per_prompt, settings, generator, show_progress
+            )
+            codes = candidates.best_codes(settings.likelihood_weight).to(self.device)  # (B, h, w)
+        else:
+            generators = row_generators(generator, len(prompts), num_images_per_prompt)
+            text_ids = self._encode_prompts(prompts, num_images_per_prompt)  # (B, T)
+            codes = self._sample_codes(text_ids, settings, generators, show_progress)  # (B, h, w)
+        images = self.decode(codes, settings.max_batch_size)  # (B, 3, H, W) in [-1, 1]
         return ImagePipelineOutput(images=postprocess(images, output_type), codes=codes.cpu())
 
-    def _resolve_settings(
+    @torch.inference_mode()
+    def sample_candidates(
         self,
-        num_images_per_prompt: Any,
-        guidance_scale: Any,
-        temperature: Any,
-        top_k: Any,
-        top_p: Any,
-        max_batch_size: Any,
-    ) -> SamplingSettings:
-        """Validate the call's arguments (ValueError naming the argument) and fill in defaults."""
-        if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, int):
-            raise ValueError(f"num_images_per_prompt={num_images_per_prompt!r} must be an int >= 1")
-        if num_images_per_prompt < 1:
-            raise ValueError(f"num_images_per_prompt={num_images_per_prompt} must be >= 1")
-        codebook_size = int(self.prior.config.codebook_size)
-        validate_sampling_values(
-            guidance_scale, temperature, top_k, top_p, max_batch_size, codebook_size
-        )
-        defaults = self.config
+        prompt: str | list[str],
+        num_candidates: int,
+        num_images_per_prompt: int = 1,
+        guidance_scale: float | None = None,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        generator: Generators = None,
+        show_progress: bool = True,
+        max_batch_size: int | None = None,
+    ) -> CandidateSet:
+        """Sample `num_candidates` codes per image and score them, without choosing.
 
-        def pick(value: Any, default: Any) -> Any:
-            return default if value is None else value
-
-        return SamplingSettings(
-            guidance_scale=float(pick(guidance_scale, defaults.guidance_scale)),
-            temperature=float(pick(temperature, defaults.temperature)),
-            top_k=pick(top_k, defaults.top_k),
-            top_p=pick(top_p, defaults.top_p),
-            max_batch_size=int(pick(max_batch_size, defaults.max_batch_size)),
+        The score parts are the scorer's cosine of each decoded candidate with its caption (None
+        without a scorer) and the prior's log p(codes | caption) (`prior.code_log_likelihood`).
+        `CandidateSet.best_codes(weight)` then picks what `__call__` with `likelihood_weight=
+        weight` returns, so an evaluation can try several weights on one draw. Arguments are
+        those of `__call__`; the generator list, if any, is one per prompt or per image.
+        """
+        prompts = _check_prompts(prompt)
+        settings = resolve_settings(
+            self.config,
+            int(self.prior.config.codebook_size),
+            num_images_per_prompt,
+            guidance_scale,
+            temperature,
+            top_k,
+            top_p,
+            max_batch_size,
+            num_candidates,
+            None,
         )
+        return self._candidates(prompts, num_images_per_prompt, settings, generator, show_progress)
+
+    def _candidates(
+        self,
+        prompts: list[str],
+        num_images_per_prompt: int,
+        settings: SamplingSettings,
+        generator: Generators,
+        show_progress: bool,
+    ) -> CandidateSet:
+        """Sample and score settings.num_candidates codes for each image (see sample_candidates)."""
+        count = settings.num_candidates
+        generators = row_generators(generator, len(prompts), num_images_per_prompt, count)
+        text_ids = self._encode_prompts(prompts, num_images_per_prompt * count)  # (B * K, T)
+        codes = self._sample_codes(text_ids, settings, generators, show_progress)  # (B * K, h, w)
+        similarity, log_likelihood = self._score(codes, text_ids, settings.max_batch_size)
+        grid = codes.shape[1:]
+        return CandidateSet(
+            codes=codes.cpu().reshape(-1, count, *grid),  # (B, K, h, w)
+            similarity=None if similarity is None else similarity.reshape(-1, count),  # (B, K)
+            log_likelihood=log_likelihood.reshape(-1, count),  # (B, K)
+        )
+
+    def _score(
+        self, codes: torch.Tensor, text_ids: torch.Tensor, max_batch_size: int
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(scorer cosine or None, prior log-likelihood), each (B,) fp32 on the CPU, computed in
+        chunks of max_batch_size; decoded images are dropped after scoring (memory)."""
+        similarities, likelihoods = [], []
+        for chunk, text in zip(codes.split(max_batch_size), text_ids.split(max_batch_size)):
+            likelihoods.append(code_log_likelihood(self.prior, text, chunk).float().cpu())
+            if self.scorer is not None:
+                images = self.image_tokenizer.decode(chunk)  # (b, 3, H, W) in [-1, 1]
+                device = next(self.scorer.parameters()).device
+                similarity = self.scorer.similarity(images.to(device), text.to(device))  # (b,)
+                similarities.append(similarity.float().cpu())
+        return (torch.cat(similarities) if similarities else None), torch.cat(likelihoods)
 
     def _encode_prompts(self, prompts: list[str], num_images_per_prompt: int) -> torch.Tensor:
         """Prompts -> text ids (len(prompts) * num_images_per_prompt, T), prompt-major, on device."""
@@ -328,8 +369,12 @@ class TextToImagePipeline:
             generator=generator,
         )
 
-    def _decode(self, codes: torch.Tensor, max_batch_size: int) -> torch.Tensor:
-        """Codes (B, h, w) -> images (B, 3, H, W) in [-1, 1], decoded in chunks."""
+    @torch.inference_mode()
+    def decode(self, codes: torch.Tensor, max_batch_size: int | None = None) -> torch.Tensor:
+        """Codes (B, h, w) -> images (B, 3, H, W) in [-1, 1], decoded in chunks of
+        max_batch_size (None: the saved default)."""
+        max_batch_size = max_batch_size or self.config.max_batch_size
+        codes = codes.to(self.device)
         pieces = [self.image_tokenizer.decode(chunk) for chunk in codes.split(max_batch_size)]
         return torch.cat(pieces)  # (B, 3, H, W)
 
@@ -346,40 +391,3 @@ def _check_prompts(prompt: Any) -> list[str]:
     if bad:
         raise ValueError(f"prompt must contain only str; items at positions {bad[:5]} are not")
     return list(prompt)
-
-
-def _per_image_generators(
-    generator: Generators, num_prompts: int, num_images_per_prompt: int
-) -> torch.Generator | list[torch.Generator] | None:
-    """None or one generator pass through; a list becomes one generator per image.
-
-    A list may hold one generator per image (used as is) or one per prompt; in the latter case
-    each prompt's generator seeds `num_images_per_prompt` fresh per-image generators, so the
-    images of a prompt depend only on that prompt's generator.
-    """
-    if generator is None or isinstance(generator, torch.Generator):
-        return generator
-    if not isinstance(generator, (list, tuple)) or not all(
-        isinstance(item, torch.Generator) for item in generator
-    ):
-        raise ValueError("generator must be None, a torch.Generator or a list of torch.Generator")
-    total = num_prompts * num_images_per_prompt
-    if len(generator) == total:
-        return list(generator)
-    if len(generator) != num_prompts:
-        raise ValueError(
-            f"got a list of {len(generator)} generators; pass one per prompt ({num_prompts}) or "
-            f"one per image ({total})"
-        )
-    per_image = []
-    for prompt_generator in generator:
-        seeds = torch.randint(
-            0,
-            2**62,
-            (num_images_per_prompt,),
-            generator=prompt_generator,
-            device=prompt_generator.device,
-        )
-        for seed in seeds.tolist():
-            per_image.append(torch.Generator(prompt_generator.device).manual_seed(seed))
-    return per_image

@@ -4,6 +4,7 @@
 """
 
 from prior.cache import KVCache
+from prior.likelihood import code_log_likelihood
 from prior.model import PRESETS, Prior, PriorConfig, PriorOutput
 from prior.sampling import drop_captions, generate, mix_guidance, top_k_filter, top_p_filter
 from prior.text_tokenizer import TextTokenizer
@@ -15,6 +16,7 @@ __all__ = [
     "PriorConfig",
     "PriorOutput",
     "TextTokenizer",
+    "code_log_likelihood",
     "drop_captions",
     "generate",
     "mix_guidance",

@@ -9,6 +9,12 @@ Protocol (no figure is chosen on the prompts it reports):
   the scale with the highest all-attributes-correct rate (ties: the earlier scale in the list).
   The chosen scale becomes the pipeline's saved default (`pipeline_config.json`, rewritten
   atomically) unless `--no-save-default`.
+- Reranking: with `--num-candidates K` > 1 (default: the pipeline's saved value) each image is
+  the best of K candidates by the pipeline's rerank score. Each sweep point draws its K
+  candidates once and judges the pick of every `--sweep-likelihood-weight`, so the weight is
+  chosen on validation prompts too. Test rows then also report `first_candidate` (the first of
+  the K, an unreranked sample at the same settings) and `any_candidate` (some candidate right:
+  the ceiling of any reranker of these draws).
 - Test figures use `--num-prompts` prompts of the Shapes *test* split with different sampling
   seeds: seen pairs, and with `--held-out` as many prompts whose colour-shape pair never
   appeared in training. They are reported at the evaluation scale and without CFG (scale 1).
@@ -34,18 +40,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common.reference import fid_kid, inception_weights, reference_metrics  # noqa: F401
 
 from pipelines import TextToImagePipeline
 from pipelines.data.judge import (
     at_judge_resolution,
     describe_by_size,
     judge_batch,
+    judge_image,
     judge_reconstructions,
 )
 from pipelines.data.shapes import make_shapes_dataset
+from pipelines.output import postprocess
 from pipelines.serialization import update_pipeline_config
 
-INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's FID InceptionV3
 SEED_OFFSETS = {"validation": 1, "test_seen": 2, "test_held_out": 3, "reference": 4}
 
 
@@ -57,6 +65,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sweep-guidance", default=None, help="comma list, e.g. 1,1.5,2,3")
     parser.add_argument("--sweep-temperature", default=None, help="comma list, e.g. 1,0.8")
     parser.add_argument("--sweep-top-k", default=None, help="comma list; 0 means no top-k")
+    parser.add_argument(
+        "--num-candidates",
+        type=int,
+        default=None,
+        help="candidates per image, reranked (default: the pipeline's saved value)",
+    )
+    parser.add_argument(
+        "--sweep-likelihood-weight",
+        default=None,
+        help="comma list of rerank likelihood weights tried on each draw of the sweep",
+    )
     parser.add_argument(
         "--num-validation-prompts",
         type=int,
@@ -81,11 +100,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     parser.add_argument("--out", type=Path, default=None, help="write the JSON report here")
     args = parser.parse_args(argv)
-    for name in ("num_prompts", "num_validation_prompts", "batch_size"):
-        if getattr(args, name) < 1:
+    for name in ("num_prompts", "num_validation_prompts", "batch_size", "num_candidates"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1")
     try:
         args.sweep = sweep_grid(args)
+        args.weights = None
+        if args.sweep_likelihood_weight is not None:
+            text = args.sweep_likelihood_weight
+            args.weights = parse_list("--sweep-likelihood-weight", text, float, 0.0)
     except ValueError as error:
         parser.error(str(error))
     return args
@@ -136,31 +159,76 @@ def shapes_prompts(split: str, count: int, held_out: bool, seed: int) -> list[di
     return records_of(shapes_split(split, count, held_out, seed))
 
 
-def judge_prompts(
-    pipeline: TextToImagePipeline, records: list[dict], setting: dict, seed: int, batch: int
-) -> dict:
-    """One image per record with the sampling `setting`, judged against the record's attributes."""
+KNOBS = ("guidance_scale", "temperature", "top_k", "num_candidates", "likelihood_weight")
+
+
+def judge_images(pipeline: TextToImagePipeline, codes: torch.Tensor, records: list[dict]) -> dict:
+    """Decode codes (N, h, w) and judge image i against record i."""
+    images = postprocess(pipeline.decode(codes), "pil")
+    return judge_batch(at_judge_resolution(images), records)
+
+
+def judge_setting(
+    pipeline: TextToImagePipeline,
+    records: list[dict],
+    setting: dict,
+    seed: int,
+    batch: int,
+    weights: list[float] | None = None,
+) -> list[dict]:
+    """One image per record with the sampling `setting`, judged against the record's attributes.
+
+    With setting["num_candidates"] > 1 the candidates are drawn once, and one row is returned for
+    each likelihood weight in `weights` (default: the setting's own), each with the
+    `first_candidate` and `any_candidate` figures of that draw."""
     generator = torch.Generator(pipeline.device).manual_seed(seed)
-    output = pipeline(
-        [record["caption"] for record in records],
-        generator=generator,
-        max_batch_size=batch,
-        show_progress=False,
-        **setting,
+    captions = [record["caption"] for record in records]
+    count = setting["num_candidates"]
+    sampling = {key: setting[key] for key in ("guidance_scale", "temperature", "top_k")}
+    if count == 1:
+        output = pipeline(
+            captions, generator=generator, max_batch_size=batch, show_progress=False, **sampling
+        )
+        return [{**setting, **judge_batch(at_judge_resolution(output.images), records)}]
+    candidates = pipeline.sample_candidates(
+        captions, count, generator=generator, max_batch_size=batch, show_progress=False, **sampling
     )
-    return {**setting, **judge_batch(at_judge_resolution(output.images), records)}
+    first = judge_images(pipeline, candidates.codes[:, 0], records)
+    any_right = any_candidate_right(pipeline, candidates.codes, records)
+    rows = []
+    for weight in weights or [setting["likelihood_weight"]]:
+        row = {**setting, "likelihood_weight": weight}
+        row.update(judge_images(pipeline, candidates.best_codes(weight), records))
+        rows.append({**row, "first_candidate": first, "any_candidate": any_right})
+    return rows
+
+
+def any_candidate_right(pipeline: TextToImagePipeline, codes: torch.Tensor, records: list) -> float:
+    """Share of records with at least one all-correct candidate among codes (N, K, h, w)."""
+    count = codes.shape[1]
+    right = np.zeros(len(records), bool)
+    for index in range(count):
+        images = postprocess(pipeline.decode(codes[:, index]), "pil")
+        verdicts = [judge_image(image, record)["all_correct"] for image, record in
+                    zip(at_judge_resolution(images), records)]  # fmt: skip
+        right |= np.array(verdicts, bool)
+    return float(right.mean())
 
 
 def run_sweep(pipeline: TextToImagePipeline, args: argparse.Namespace, default: dict) -> dict:
-    """Judge each setting of the grid on validation prompts; returns the table and the best."""
+    """Judge each setting of the grid (and each likelihood weight) on validation prompts;
+    returns the table and the best."""
     records = shapes_prompts("validation", args.num_validation_prompts, False, args.seed)
     seed = args.seed * 1000 + SEED_OFFSETS["validation"]
     table = []
-    for point in args.sweep:
-        row = judge_prompts(pipeline, records, {**default, **point}, seed, args.batch_size)
-        table.append(row)
-        knobs = ", ".join(f"{key} {row[key]}" for key in default)
-        print(f"  sweep {knobs}: all correct {row['all_correct']:.3f}", flush=True)
+    for point in args.sweep or [{}]:
+        rows = judge_setting(
+            pipeline, records, {**default, **point}, seed, args.batch_size, args.weights
+        )
+        table += rows
+        for row in rows:
+            knobs = ", ".join(f"{key} {row[key]}" for key in default)
+            print(f"  sweep {knobs}: all correct {row['all_correct']:.3f}", flush=True)
     best = max(table, key=lambda row: row["all_correct"])  # max keeps the first of equals
     return {
         "split": "validation",
@@ -190,15 +258,18 @@ def run_tests(
     report: dict = {"split": "test"}
     ceiling: dict = {}
     settings = {"with_cfg": setting, "without_cfg": {**setting, "guidance_scale": 1.0}}
+    same = setting["guidance_scale"] == 1.0  # then both rows are one draw: judged once
     resolution = pipeline.config.resolution
     for group, held_out in groups.items():
         dataset = shapes_split("test", args.num_prompts, held_out, args.seed, resolution)
         records = records_of(dataset)
         seed = args.seed * 1000 + SEED_OFFSETS[f"test_{group}"]
         for label, value in settings.items():
-            report.setdefault(label, {})[group] = judge_prompts(
-                pipeline, records, value, seed, args.batch_size
-            )
+            if same and label == "without_cfg":
+                report.setdefault(label, {})[group] = report["with_cfg"][group]
+                continue
+            (row,) = judge_setting(pipeline, records, value, seed, args.batch_size)
+            report.setdefault(label, {})[group] = row
         ceiling[group] = reconstruction_ceiling(pipeline, dataset, args.batch_size)
     return report, ceiling
 
@@ -230,69 +301,6 @@ def tokenizer_metrics(
     }
 
 
-def inception_weights(path: Path | None) -> Path | None:
-    """The given weights file, or torch-fidelity's cached one, or None if neither exists."""
-    if path is not None:
-        if not path.is_file():
-            raise FileNotFoundError(f"--inception-weights {path} does not exist")
-        return path
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
-    return cached if cached.is_file() else None
-
-
-def fid_kid(real: torch.Tensor, fake: torch.Tensor, feature, weights: Path | None = None) -> dict:
-    """FID and KID between uint8 image batches (N, 3, H, W); `feature` is 2048 (InceptionV3,
-    which then needs `weights`) or an nn.Module with `num_features` (tests, custom networks)."""
-    from torchmetrics.image.fid import FrechetInceptionDistance
-    from torchmetrics.image.kid import KernelInceptionDistance
-
-    options = {} if weights is None else {"feature_extractor_weights_path": str(weights)}
-    subset = min(50, real.shape[0], fake.shape[0])
-    fid = FrechetInceptionDistance(feature=feature, **options)
-    kid = KernelInceptionDistance(feature=feature, subset_size=subset, **options)
-    for metric in (fid, kid):
-        metric.update(real, real=True)
-        metric.update(fake, real=False)
-    kid_mean, kid_std = kid.compute()
-    return {"fid": float(fid.compute()), "kid": float(kid_mean), "kid_std": float(kid_std)}
-
-
-def reference_metrics(pipeline: TextToImagePipeline, args: argparse.Namespace, feature=2048):
-    """Sample one image per reference caption and compare with the reference images."""
-    from pipelines.data.images import load_image_caption_dataset
-    from pipelines.data.sources import available_splits
-
-    if not args.reference_dir.is_dir():
-        raise FileNotFoundError(f"--reference-dir {args.reference_dir} is not a folder")
-    weights = inception_weights(args.inception_weights)
-    if feature == 2048 and weights is None:
-        message = (
-            f"FID/KID skipped: InceptionV3 weights ({INCEPTION_FILE}) are not on this machine and "
-            "are never downloaded here; pass --inception-weights FILE"
-        )
-        print(message)
-        return {"fid": None, "kid": None, "message": message}
-    split = args.reference_split
-    if split is None:
-        split = "validation" if "validation" in available_splits(args.reference_dir) else "train"
-    dataset = load_image_caption_dataset(
-        args.reference_dir, split=split, resolution=pipeline.config.resolution
-    )
-    count = min(len(dataset), args.num_prompts)
-    items = [dataset[index] for index in range(count)]
-    real = torch.stack([((item["image"] + 1) * 127.5).round() for item in items]).to(torch.uint8)
-    generator = torch.Generator(pipeline.device).manual_seed(args.seed * 1000 + 4)
-    fake = pipeline(
-        [item["caption"] for item in items],
-        generator=generator,
-        output_type="pt",
-        max_batch_size=args.batch_size,
-        show_progress=False,
-    ).images
-    fake = (fake * 255).round().to(torch.uint8)  # (N, 3, H, W)
-    return {"num_images": count, "split": split, **fid_kid(real, fake, feature, weights)}
-
-
 def main(args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     pipeline = TextToImagePipeline.from_pretrained(args.pipeline).to(args.device)
@@ -307,9 +315,10 @@ def main(args: argparse.Namespace) -> dict:
             pipeline.device,
         )
     config = pipeline.config
-    setting = {"guidance_scale": config.guidance_scale, "temperature": config.temperature}
-    setting["top_k"] = config.top_k
-    if args.sweep:
+    setting = {key: getattr(config, key) for key in KNOBS}
+    if args.num_candidates is not None:
+        setting["num_candidates"] = args.num_candidates
+    if args.sweep or args.weights:
         report["sweep"] = run_sweep(pipeline, args, setting)
         setting = {**setting, **report["sweep"]["chosen"]}
         if not args.no_save_default:
@@ -357,7 +366,18 @@ def print_summary(report: dict) -> None:
             print(
                 f"  test {group:8s} guidance {row['guidance_scale']:g}: all correct "
                 f"{row['all_correct']:.3f} ({attributes}){by_size_suffix(row)}"
+                f"{rerank_suffix(row)}"
             )
+
+
+def rerank_suffix(row: dict) -> str:
+    """'; best of 16: first candidate 0.455, any candidate 0.820', or '' without reranking."""
+    if "first_candidate" not in row:
+        return ""
+    return (
+        f"; best of {row['num_candidates']}: first candidate "
+        f"{row['first_candidate']['all_correct']:.3f}, any candidate {row['any_candidate']:.3f}"
+    )
 
 
 def by_size_suffix(row: dict) -> str:

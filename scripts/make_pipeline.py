@@ -2,10 +2,11 @@
 
     python scripts/make_pipeline.py --image-tokenizer runs/tokenizer/final \
         --prior runs/prior/final/prior --text-tokenizer runs/prior/final/text_tokenizer \
-        --out runs/pipeline --guidance-scale 1.5
+        --out runs/pipeline --guidance-scale 1.5 [--scorer runs/scorer/final --num-candidates 16]
 
 The folder loads with `TextToImagePipeline.from_pretrained(out)`. Components are checked against
-each other (codebook size, code grid, text length) before anything is written.
+each other (codebook size, code grid, text length, the scorer's text ids) before anything is
+written.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from pipelines import PipelineConfig, TextToImagePipeline
+from pipelines import ImageTextScorer, PipelineConfig, TextToImagePipeline
 from prior import Prior, TextTokenizer
 from tokenizer import VQGAN
 
@@ -48,6 +49,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="images per prior forward; larger requests are chunked",
     )
+    parser.add_argument(
+        "--scorer",
+        type=Path,
+        default=None,
+        help="ImageTextScorer folder (scripts/train_scorer.py's OUTPUT/final) that reranks "
+        "candidates; trained on this --text-tokenizer's ids",
+    )
+    parser.add_argument(
+        "--num-candidates",
+        type=int,
+        default=None,
+        help="default candidates sampled per returned image (1: no reranking)",
+    )
+    parser.add_argument(
+        "--likelihood-weight",
+        type=float,
+        default=None,
+        help="default weight of the prior's log-likelihood (nats) in the rerank score",
+    )
     return parser.parse_args(argv)
 
 
@@ -60,6 +80,8 @@ def sampling_config(args: argparse.Namespace, image_tokenizer: VQGAN) -> Pipelin
         "top_k": args.top_k,
         "top_p": args.top_p,
         "max_batch_size": args.max_batch_size,
+        "num_candidates": args.num_candidates,
+        "likelihood_weight": args.likelihood_weight,
     }
     config = PipelineConfig(resolution=resolution)
     given = {key: value for key, value in overrides.items() if value is not None}
@@ -71,14 +93,18 @@ def main(args: argparse.Namespace) -> Path:
         ("--image-tokenizer", args.image_tokenizer),
         ("--prior", args.prior),
         ("--text-tokenizer", args.text_tokenizer),
+        ("--scorer", args.scorer),
     ):
-        if not path.exists():
+        if path is not None and not path.exists():
             raise FileNotFoundError(f"{flag} {path} does not exist; pass a saved component folder")
     image_tokenizer = VQGAN.from_pretrained(args.image_tokenizer)
     prior = Prior.from_pretrained(args.prior)
     text_tokenizer = TextTokenizer.from_pretrained(args.text_tokenizer)
+    scorer = None if args.scorer is None else ImageTextScorer.from_pretrained(args.scorer)
     config = sampling_config(args, image_tokenizer)
-    pipeline = TextToImagePipeline(image_tokenizer, prior, text_tokenizer, config=config)
+    pipeline = TextToImagePipeline(
+        image_tokenizer, prior, text_tokenizer, config=config, scorer=scorer
+    )
     out = pipeline.save_pretrained(args.out)
     print(f"wrote pipeline to {out}")
     print(json.dumps(dataclasses.asdict(pipeline.config), indent=2))

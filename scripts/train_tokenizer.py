@@ -29,17 +29,17 @@ import torch
 from accelerate.utils import set_seed
 from common import curves, loop
 from common import validation as checks
+from common.data import load_image_splits, step_batches
 from common.evaluation import reconstruction_metrics
 from common.faults import fires, kill_point
 from common.guards import StateSnapshot
 from common.images import save_png, tensor_grid
 from common.optim import adamw
 from common.run_folder import RunFolder, make_accelerator
-from common.sampler import StepBatches, StepSampler, record_indices
+from common.sampler import record_indices
 from common.schedule import set_learning_rate, warmup_cosine
 from common.vqgan_objective import VQGANObjective, build_objective
 
-from pipelines.data.images import load_image_caption_dataset
 from tokenizer import PRESETS, VQGAN, VQGANConfig
 from tokenizer.losses import GAN_LOSSES, NLayerDiscriminator
 from tokenizer.modules import NORMS
@@ -232,28 +232,7 @@ class Job:
 
 def load_data(args: argparse.Namespace, run: RunFolder) -> tuple[Any, Any]:
     """Train and validation datasets of (3, R, R) images in [-1, 1]; skips are logged."""
-    common = dict(resolution=args.resolution, seed=args.seed, distributed=True)
-    train = load_image_caption_dataset(
-        args.data,
-        split="train",
-        flip=args.flip,
-        channel_shuffle=args.channel_shuffle,
-        num_samples=args.num_train_samples,
-        **common,
-    )
-    try:
-        val = load_image_caption_dataset(
-            args.data, split="validation", num_samples=args.num_val_samples, **common
-        )
-    except (ValueError, FileNotFoundError) as error:
-        run.warning(
-            f"no validation split in --data {args.data} ({error}); validating on the "
-            f"first {args.num_val_samples} training images"
-        )
-        val = train.subset(list(range(min(len(train), args.num_val_samples))))
-    run.info(f"train data: {len(train)} images; report: {train.report.summary()}")
-    run.info(f"validation data: {len(val)} images; report: {val.report.summary()}")
-    return train, val
+    return load_image_splits(args, run, flip=args.flip, channel_shuffle=args.channel_shuffle)
 
 
 def setup(args: argparse.Namespace, accelerator, run: RunFolder) -> Job:
@@ -287,24 +266,7 @@ def stack_images(items: list[dict]) -> dict[str, torch.Tensor]:
 
 def make_batches(job: Job, train: Any) -> Any:
     """An iterator over this rank's micro-batches, starting at the current step."""
-    args, accelerator = job.ctx.args, job.ctx.accelerator
-    sampler = StepSampler(
-        len(train),
-        args.batch_size,
-        accumulation=args.gradient_accumulation_steps,
-        world_size=accelerator.num_processes,
-        rank=accelerator.process_index,
-        seed=args.seed,
-    )
-    first = job.ctx.state.step * args.gradient_accumulation_steps
-    loader = torch.utils.data.DataLoader(
-        StepBatches(train, sampler, stack_images),
-        batch_size=None,
-        sampler=range(first, 2**62),
-        num_workers=args.num_workers,
-        generator=torch.Generator().manual_seed(args.seed),
-    )
-    return iter(loader)
+    return step_batches(job.ctx.args, job.ctx.accelerator, job.ctx.state.step, train, stack_images)
 
 
 def _no_sync(accelerator, model, active: bool):

@@ -13,7 +13,8 @@ MICRO = [
     *("--budget-minutes", "0.2", "--tokenizer-steps", "2", "--prior-steps", "2"),
     *("--num-train-images", "64", "--num-test-prompts", "3", "--num-validation-prompts", "3"),
     *("--tokenizer-images", "8", "--sweep-guidance", "1,2"),
-    *("--tokenizer-batch-size", "8", "--prior-batch-size", "8"),
+    *("--tokenizer-batch-size", "8", "--prior-batch-size", "8", "--scorer-batch-size", "8"),
+    *("--scorer-steps", "2", "--num-candidates", "2", "--sweep-likelihood-weight", "0,0.1"),
 ]
 
 
@@ -25,8 +26,9 @@ def test_demo_micro_budget_then_reuse(tmp_path, capsys, monkeypatch):
     metrics = demo.main(demo.parse_args([*MICRO, "--output-dir", str(out)]))
     printed = capsys.readouterr().out
     for index, stage in enumerate(demo.STAGES, 1):
-        assert f"[{index}/5] {stage}" in printed
-    for script in ("train_tokenizer.py", "extract_codes.py", "train_prior.py", "make_pipeline.py"):
+        assert f"[{index}/{len(demo.STAGES)}] {stage}" in printed
+    scripts = ("train_tokenizer.py", "extract_codes.py", "train_prior.py", "train_scorer.py")
+    for script in (*scripts, "make_pipeline.py", "evaluate_pipeline.py"):
         assert f"scripts/{script}" in printed  # each job's command line is shown
     assert "(held-out pair)" in printed
     assert set(metrics["stage_seconds"]) == set(demo.STAGES)
@@ -38,11 +40,18 @@ def test_demo_micro_budget_then_reuse(tmp_path, capsys, monkeypatch):
     assert ceiling.keys() == {"seen", "held_out"} and all(0 <= v <= 1 for v in ceiling.values())
     assert set(metrics["per_attribute"]["with_cfg"]["held_out"]) >= {"shape", "clean"}
     assert str(metrics["guidance_scale"]) in {"1.0", "2.0"}
+    rerank = metrics["rerank"]
+    assert rerank["num_candidates"] == 2 and rerank["likelihood_weight"] in (0.0, 0.1)
+    for group in ("seen", "held_out"):
+        assert (
+            rerank["any_candidate_all_correct"][group]
+            >= metrics["per_attribute"]["with_cfg"][group]["all_correct"]
+        )
     columns = demo.GRID_IMAGES_PER_PROMPT * demo.GRID_PROMPTS_PER_ROW
     rows = len(demo.grid_records()) * demo.GRID_IMAGES_PER_PROMPT // columns
     side = 32 * demo.GRID_SCALE
     assert image_size(out / "grid.png") == (columns * (side + 2) + 2, rows * (side + 2) + 2)
-    for stage in ("tokenizer", "prior"):
+    for stage in ("tokenizer", "prior", "scorer"):
         assert str(out / stage / "curves.png") in printed and (out / stage / "curves.png").is_file()
 
     again = demo.main(demo.parse_args([*MICRO, "--output-dir", str(out)]))

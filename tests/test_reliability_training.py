@@ -1,4 +1,4 @@
-"""Reliability of both training jobs (issue 8, items 1-4): exact resume after SIGKILLs at named
+"""Reliability of the training jobs (issue 8, items 1-4): exact resume after SIGKILLs at named
 points, fallback from a corrupt checkpoint, disk-full and read-only checkpoint writes, and
 non-finite losses skipped in agreement across ranks."""
 
@@ -10,6 +10,7 @@ import json
 import pytest
 import torch
 import train_prior
+import train_scorer
 import train_tokenizer
 from accelerate import Accelerator
 from bad_data_corpus import build_bad_data_corpus
@@ -18,10 +19,12 @@ from common.checkpoint import CheckpointWriteError, list_checkpoints, verify_che
 from common.guards import NonFiniteLossError
 from training_helpers import (
     PRIOR_ARGS,
+    SCORER_ARGS,
     TOKENIZER_ARGS,
     assert_same_weights,
     cli,
     make_codes,
+    make_text_tokenizer,
     read_sample_log,
     reset_process_state,
     run_forked,
@@ -82,6 +85,13 @@ def test_tokenizer_resumes_exactly_after_kills_and_a_corrupt_checkpoint(tmp_path
 def test_prior_resumes_exactly_after_kills_and_a_corrupt_checkpoint(codes, tmp_path):
     argv = [*PRIOR_RUN, "--codes", str(codes)]
     kill_corrupt_resume(train_prior, argv, tmp_path, "final/prior/model.safetensors")
+
+
+def test_scorer_resumes_exactly_after_kills_and_a_corrupt_checkpoint(tmp_path):
+    text_tokenizer = make_text_tokenizer(tmp_path)
+    argv = cli(SCORER_ARGS, "--max-steps 6 --checkpoint-every 2 --ema-decay 0.9")
+    argv += cli("--text-tokenizer", text_tokenizer)
+    kill_corrupt_resume(train_scorer, argv, tmp_path, "final/model.safetensors")
 
 
 def _fail_on_second_checkpoint(monkeypatch, kind):

@@ -9,7 +9,7 @@ import pytest
 
 SCRIPTS = ("bench", "convert_tokenizer", "demo", "evaluate_pipeline", "evaluate_tokenizer",
            "extract_codes", "make_pipeline", "prepare_emoji", "sample", "train_prior",
-           "train_tokenizer")  # fmt: skip
+           "train_scorer", "train_tokenizer")  # fmt: skip
 
 
 class _Captured(Exception):

@@ -19,7 +19,7 @@ from PIL import Image
 from test_evaluate_tokenizer import _Grey, _Lossless
 from test_pipeline import PROMPTS, tiny_prior, tiny_vqgan
 
-from pipelines import TextToImagePipeline
+from pipelines import ImageTextScorer, ScorerConfig, TextToImagePipeline
 from prior import TextTokenizer
 
 
@@ -116,7 +116,8 @@ def test_evaluate_sweep_stores_best_scale(pipeline_dir, tmp_path):
     sweep = report["sweep"]
     assert [row["guidance_scale"] for row in sweep["results"]] == [1.0, 2.0]
     best = max(sweep["results"], key=lambda row: row["all_correct"])["guidance_scale"]
-    assert sweep["chosen"] == {"guidance_scale": best, "temperature": 1.0, "top_k": 16}
+    rerank = {"num_candidates": 1, "likelihood_weight": 0.0}  # saved defaults: no reranking
+    assert sweep["chosen"] == {"guidance_scale": best, "temperature": 1.0, "top_k": 16, **rerank}
     assert TextToImagePipeline.from_pretrained(folder).config.guidance_scale == best
     test = report["test"]
     assert test["with_cfg"]["seen"]["guidance_scale"] == best
@@ -129,6 +130,50 @@ def test_evaluate_sweep_stores_best_scale(pipeline_dir, tmp_path):
     tokenizer = report["tokenizer"]
     assert tokenizer["num_images"] == 6 and 0 < tokenizer["codebook_usage"] <= 1
     assert np.isfinite(tokenizer["psnr_db"])
+
+
+def test_evaluate_chooses_the_rerank_weight_on_validation(component_dirs, tmp_path):
+    root = component_dirs
+    text_tokenizer = TextTokenizer.from_pretrained(root / "text_tokenizer")
+    torch.manual_seed(1)
+    ImageTextScorer(
+        ScorerConfig(text_tokenizer.vocab_size, text_tokenizer.pad_id, (4, 8), 2, 8)
+    ).save_pretrained(root / "scorer")
+    folder = make_pipeline.main(
+        make_pipeline.parse_args(
+            [
+                *("--image-tokenizer", str(root / "vqgan"), "--prior", str(root / "prior")),
+                *(
+                    "--text-tokenizer",
+                    str(root / "text_tokenizer"),
+                    "--scorer",
+                    str(root / "scorer"),
+                ),
+                *("--out", str(tmp_path / "pipe"), "--num-candidates", "3"),
+            ]
+        )
+    )
+    assert TextToImagePipeline.from_pretrained(folder).config.num_candidates == 3
+    argv = ["--pipeline", str(folder), "--num-prompts", "4", "--held-out"]
+    argv += ["--sweep-temperature", "1,0.5", "--sweep-likelihood-weight", "0,0.1"]
+    argv += ["--num-validation-prompts", "4", "--guidance-scale", "1"]
+    report = evaluate_pipeline.main(evaluate_pipeline.parse_args(argv))
+    rows = report["sweep"]["results"]
+    pairs = [(row["temperature"], row["likelihood_weight"]) for row in rows]
+    assert pairs == [(1.0, 0.0), (1.0, 0.1), (0.5, 0.0), (0.5, 0.1)]
+    best = max(rows, key=lambda row: row["all_correct"])
+    assert report["sweep"]["chosen"]["likelihood_weight"] == best["likelihood_weight"]
+    assert (
+        TextToImagePipeline.from_pretrained(folder).config.likelihood_weight
+        == (best["likelihood_weight"])
+    )
+    for row in [*rows, *report["test"]["with_cfg"].values()]:
+        assert row["num_candidates"] == 3
+        # Any reranker's pick is one of the candidates, so it can't beat "some candidate right".
+        assert row["any_candidate"] >= row["all_correct"]
+        assert row["any_candidate"] >= row["first_candidate"]["all_correct"]
+    # Scale 1 draws without CFG already: the row is reused, not sampled again.
+    assert report["test"]["without_cfg"] == report["test"]["with_cfg"]
 
 
 @pytest.mark.parametrize("resolution", [32, 64])

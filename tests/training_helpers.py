@@ -50,6 +50,23 @@ PRIOR_ARGS = cli(
 )
 
 
+SCORER_ARGS = cli(
+    "--resolution 16 --channels 4,8 --pooled-grid 2 --embed-dim 8 --num-train-samples 48",
+    "--num-val-samples 16 --batch-size 8 --warmup-steps 2 --log-every 1 --no-progress",
+    "--report-to none",
+)
+
+
+def make_text_tokenizer(folder: Path) -> Path:
+    """A SentencePiece tokenizer trained on Shapes captions, saved to folder/text_tokenizer."""
+    from pipelines.data.shapes import make_shapes_dataset
+    from prior import TextTokenizer
+
+    captions = list(make_shapes_dataset("train", 200, resolution=16, seed=0)["caption"])
+    tokenizer = TextTokenizer.train(captions, vocab_size=160, text_length=40, byte_fallback=False)
+    return tokenizer.save_pretrained(folder / "text_tokenizer")
+
+
 def reset_process_state() -> None:
     """Forget accelerate's singletons and fault hit counts between runs in one process."""
     AcceleratorState._reset_state(reset_partial_state=True)

@@ -28,7 +28,7 @@ class Panel(NamedTuple):
     smooth: bool = True
 
 
-# The panels of the two training jobs.
+# The panels of the training jobs.
 TOKENIZER = [
     Panel("losses", ("rec_loss", "quantizer_loss", "perceptual_loss"), log_y=True),
     Panel("GAN losses", ("g_loss", "d_loss")),  # a hinge generator loss is often negative
@@ -38,6 +38,12 @@ TOKENIZER = [
 ]
 PRIOR = [
     Panel("loss (nats per token)", ("loss", "val_loss"), log_y=True),
+    Panel("learning rate", ("lr",), smooth=False),
+]
+SCORER = [
+    Panel("contrastive loss (nats)", ("loss", "val_loss"), log_y=True),
+    Panel("validation accuracy", ("val_accuracy",), smooth=False),
+    Panel("logit scale", ("logit_scale",), smooth=False),
     Panel("learning rate", ("lr",), smooth=False),
 ]
 

@@ -35,7 +35,24 @@ def accuracy_table(test: dict) -> dict:
 
 
 def sweep_row(row: dict) -> dict:
-    return {key: row[key] for key in ("guidance_scale", "temperature", "top_k", "all_correct")}
+    keys = ("guidance_scale", "temperature", "top_k", "num_candidates", "likelihood_weight")
+    return {key: row[key] for key in (*keys, "all_correct") if key in row}
+
+
+def rerank_figures(test: dict) -> dict:
+    """With reranking, the first candidate (unreranked, same settings) and some candidate right
+    (the ceiling of any reranker of that draw) per test group; {} without."""
+    rows = test["with_cfg"]
+    if "first_candidate" not in rows["seen"]:
+        return {}
+    return {
+        "num_candidates": rows["seen"]["num_candidates"],
+        "likelihood_weight": rows["seen"]["likelihood_weight"],
+        "first_candidate_all_correct": {
+            group: row["first_candidate"]["all_correct"] for group, row in rows.items()
+        },
+        "any_candidate_all_correct": {group: row["any_candidate"] for group, row in rows.items()},
+    }
 
 
 def build_metrics(args: argparse.Namespace, out: Path, state: dict, wall: float) -> dict:
@@ -55,6 +72,7 @@ def build_metrics(args: argparse.Namespace, out: Path, state: dict, wall: float)
     return {
         **figures,
         "guidance_scale": evaluation["sampling"]["guidance_scale"],
+        "rerank": rerank_figures(test),
         "targets": {
             name: {"target": target, "value": figures[name], "met": figures[name] >= target}
             for name, target in TARGETS.items()
@@ -83,12 +101,21 @@ def build_metrics(args: argparse.Namespace, out: Path, state: dict, wall: float)
 
 
 def print_summary(metrics: dict, out: Path) -> None:
-    print("\nresults (test prompts; guidance chosen on validation prompts):")
+    print("\nresults (test prompts; sampling settings chosen on validation prompts):")
     for name, row in metrics["targets"].items():
         status = "met" if row["met"] else "MISSED"
         print(f"  {name:32s} {row['value']:8.3f}   target >= {row['target']:g}: {status}")
     print(f"  {'all_correct_without_cfg':32s} {metrics['all_correct_without_cfg']:8.3f}")
     print(f"  {'guidance_scale':32s} {metrics['guidance_scale']:8g}")
+    rerank = metrics.get("rerank")
+    if rerank:
+        first = ", ".join(f"{v:.3f} {k}" for k, v in rerank["first_candidate_all_correct"].items())
+        some = ", ".join(f"{v:.3f} {k}" for k, v in rerank["any_candidate_all_correct"].items())
+        print(
+            f"  best of {rerank['num_candidates']} (likelihood weight "
+            f"{rerank['likelihood_weight']:g}); first candidate all correct: {first}; some "
+            f"candidate all correct: {some}"
+        )
     ceiling = metrics["reconstruction_all_correct"]
     if ceiling:
         rates = ", ".join(f"{rate:.3f} {group}" for group, rate in ceiling.items())
@@ -104,5 +131,8 @@ def print_summary(metrics: dict, out: Path) -> None:
     times = ", ".join(f"{name} {value:.0f} s" for name, value in metrics["stage_seconds"].items())
     print(f"  stage times: {times}; total {metrics['total_seconds']:.0f} s")
     print(f"wrote {out / 'metrics.json'} and {out / 'grid.png'}")
-    curves = " and ".join(str(out / stage / CURVES) for stage in ("tokenizer", "prior"))
+    stages = [
+        stage for stage in ("tokenizer", "prior", "scorer") if (out / stage / CURVES).is_file()
+    ]
+    curves = " and ".join(str(out / stage / CURVES) for stage in stages)
     print(f"training curves: {curves}")
