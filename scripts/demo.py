@@ -5,25 +5,26 @@
     python scripts/demo.py --fresh              # start again instead of reusing finished stages
 
 Stages (each a job a user could type; the command is printed before it runs):
-  [1/6] tokenizer  scripts/train_tokenizer.py --preset cpu-tiny on Shapes (32 px -> 8x8 codes)
-  [2/6] codes      scripts/extract_codes.py encodes the Shapes train and validation splits once
-  [3/6] prior      scripts/train_prior.py --preset cpu-tiny on the codes, with caption dropout
-  [4/6] scorer     scripts/train_scorer.py: the image-caption scorer that reranks candidates
-  [5/6] evaluate   scripts/make_pipeline.py, then scripts/evaluate_pipeline.py: each image is
-                   the best of --num-candidates by the scorer and the prior's likelihood; the
-                   guidance scale and the likelihood weight are chosen on validation prompts
-                   (stored as the pipeline defaults), test figures on separate seen and held-out
-                   prompts, the judge on the tokenizer's own reconstructions of the test
-                   renders, tokenizer PSNR and codebook usage
-  [6/6] grid       samples OUT/grid.png for GRID_PROMPTS (4 of them held-out pairs)
+  tokenizer  scripts/train_tokenizer.py --preset cpu-tiny on Shapes (32 px -> 8x8 codes)
+  codes      scripts/extract_codes.py encodes the Shapes train and validation splits once
+  prior      scripts/train_prior.py --preset cpu-tiny on the codes, with caption dropout
+  scorer     with --num-candidates > 1 only: scripts/train_scorer.py, the image-caption scorer
+             that reranks candidates
+  evaluate   scripts/make_pipeline.py, then scripts/evaluate_pipeline.py: a sweep of sampling
+             settings on validation prompts (stored as the pipeline defaults; with reranking
+             each image is the best of --num-candidates and the likelihood weight is swept
+             too), test figures on separate seen and held-out prompts, the judge on the
+             tokenizer's own reconstructions of the test renders, tokenizer PSNR and usage
+  grid       samples OUT/grid.png for GRID_PROMPTS (4 of them held-out pairs)
 
-Budget (`--budget-minutes`, default 9.9, everything after install): the tokenizer gets
-TOKENIZER_SHARE of it, stretched on a slow machine to TOKENIZER_MIN_IMAGES images within
-TOKENIZER_LIMIT_SHARE; the scorer gets SCORER_MINUTES; the prior gets what is left after the
-tokenizer and extraction, minus SCORER_MINUTES and RESERVE_MINUTES for pipeline assembly,
-evaluation and the grid. Finished stages are recorded in
-OUT/demo_state.json and reused by the next run (with their original times) unless --fresh.
-OUT/metrics.json gathers the figures and the wall time of every stage.
+Budget (`--budget-minutes`, everything after install; PLANS gives the default and the split,
+one for one sample per image and one for reranking): the tokenizer gets a share of it,
+stretched on a slow machine to TOKENIZER_MIN_IMAGES images within TOKENIZER_LIMIT_SHARE; the
+scorer gets a fixed time; the prior gets what is left after the tokenizer and extraction,
+minus the scorer's time and a reserve for pipeline assembly, evaluation and the grid.
+Finished stages are recorded in OUT/demo_state.json and reused by the next run (with their
+original times) unless --fresh. OUT/metrics.json gathers the figures and the wall time of
+every stage.
 
 Precision (`--precision`, default auto): bf16 autocast for both training stages on a GPU or on
 a CPU with native bf16 (bf16 matmuls ran about 2.2x faster than fp32 with AVX512-BF16 on an AMD
@@ -48,13 +49,21 @@ from common.demo_report import build_metrics, print_summary
 REPO = Path(__file__).resolve().parent.parent
 SCRIPTS = REPO / "scripts"
 STAGES = ("tokenizer", "codes", "prior", "scorer", "evaluate", "grid")
-# 0.28 since the scorer stage and the reranked evaluation came (2026-12-07): without norms the
-# tokenizer reached 34.4-34.7 dB in 0.34 of 9.5 minutes (34.45 dB in 0.31 of 9.75), far above
-# the 30 dB target, and the prior needs the time: with 0.31 it got 3.5 minutes, 2248 steps,
-# and the best of 8 candidates drew 82.0% / 58.5% of seen / held-out prompts (docs/experiments.md). Before, 0.34, not 0.42: without the decoder's mid-block attention 2050-2070 tokenizer steps (32.95-32.97
-# dB) left seen ceilings of 94.5-95.0%, and the prior's 2925-2933 steps drew 88.0% and 93.0% of
-# seen test prompts against 85.0-87.5% after 2349-2759 (docs/experiments.md).
-TOKENIZER_SHARE = 0.28
+# The budget's split with one sample per image (False, the default) and with reranking (True).
+# One sample: the tokenizer gets 0.34, not 0.42: without the decoder's mid-block attention
+# 2050-2070 tokenizer steps (32.95-32.97 dB) left seen ceilings of 94.5-95.0%, and the prior's
+# 2925-2933 steps drew 88.0% and 93.0% of seen test prompts against 85.0-87.5% after 2349-2759
+# (docs/experiments.md). Reranking: the scorer stage and the larger evaluation take about 2.6
+# minutes, so the budget grows to 9.9 and the tokenizer's share falls to 0.28 (it reached 34.45
+# dB with 0.31 of 9.75). Evaluation and grid took 111-117 s with 8 candidates: sampling 16
+# candidates for each of 200 prompts took 48-52 s with guidance and 31-34 s without (2 threads,
+# AMD EPYC). Two such demo runs drew 82.0% / 58.5% and 87.5% / 39.0% of seen / held-out prompts,
+# against 81.0% / 55.0% and 89.0% / 38.5% for one sample from the same priors: on 2 cores the
+# time reranking takes from the prior is worth more than the reranking (docs/experiments.md).
+PLANS = {
+    False: {"budget": 9.5, "tokenizer_share": 0.34, "reserve": 1.25, "scorer": 0.0},
+    True: {"budget": 9.9, "tokenizer_share": 0.28, "reserve": 1.9, "scorer": 0.7},
+}
 # 30 dB took about 1300-1350 steps of 32 images in the demo runs (29.21-29.99 dB after 1066-1260
 # steps on slow stretches, 30.22-30.89 dB after 1346-1455; docs/experiments.md): on a slow
 # machine the tokenizer may take up to half the budget to see 1400 such batches, and the prior
@@ -64,17 +73,12 @@ TOKENIZER_SHARE = 0.28
 # counts images, so that it means the same at any --tokenizer-batch-size.
 TOKENIZER_MIN_IMAGES = 1400 * 32
 TOKENIZER_LIMIT_SHARE = 0.5
-# Pipeline + evaluation + grid. Sampling 16 candidates for each of 200 prompts took 48-52 s with
-# guidance and 31-34 s without (2 threads, AMD EPYC), so about 25 s and 16 s for 8; the sweep
-# draws one set per guidance scale (2), the test one per group at the chosen scale and, unless
-# that is 1, one more without guidance.
-RESERVE_MINUTES = 1.9  # the first such run's evaluation and grid took 111 s
-# Scorer training: 400 steps of 128 images took 31 s on 2 threads and reached 94.2% validation
-# accuracy, 800 steps 94.8%; on one draw of 8 candidates for the 200 held-out test prompts
-# their picks were all right for 65.0% and 66.5% (one run each; docs/experiments.md).
-SCORER_MINUTES = 0.7
+# Scorer training (the reranking plan's 0.7 minutes): 400 steps of 128 images took 31 s on 2
+# threads and reached 94.2% validation accuracy, 800 steps 94.8%; on one draw of 8 candidates
+# for the 200 held-out test prompts their picks were all right for 65.0% and 66.5% (one run
+# each; docs/experiments.md).
 SCORER_BATCH_SIZE = 128
-NUM_CANDIDATES = 8
+NUM_CANDIDATES = 1
 # Sampling settings tried on validation prompts, with reranking (True) and without. Without:
 # scale 3 and temperature 1 were the worst settings of every demo sweep so far, and with the
 # patch encoder's near-deterministic codes 0.1 and 0.2 beat 0.35. With: the best of 16
@@ -92,7 +96,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add = parser.add_argument
     add("--resolution", type=int, default=32, choices=[32], help="the demo preset is 32 px")
-    add("--budget-minutes", type=float, default=9.9, help="total wall clock after install")
+    add(
+        "--budget-minutes",
+        type=float,
+        default=None,
+        help=f"total wall clock after install (default: {PLANS[False]['budget']:g}, or "
+        f"{PLANS[True]['budget']:g} with reranking)",
+    )
     add(
         "--output-dir",
         type=Path,
@@ -127,7 +137,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--num-candidates",
         type=int,
         default=NUM_CANDIDATES,
-        help="candidates sampled per image, the best kept by the scorer (1: no reranking)",
+        help="candidates sampled per image, the best kept by the scorer (above 1 adds the "
+        "scorer stage; on 2 cores 8 did not pay for the prior time it took, docs/experiments.md)",
     )
     add(
         "--sweep-guidance",
@@ -148,6 +159,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     args = parser.parse_args(argv)
     reranking = args.num_candidates > 1
+    if args.budget_minutes is None:
+        args.budget_minutes = PLANS[reranking]["budget"]
     args.sweep_guidance = args.sweep_guidance or SWEEPS[reranking]["guidance"]
     args.sweep_temperature = args.sweep_temperature or SWEEPS[reranking]["temperature"]
     if args.budget_minutes <= 0:
@@ -416,7 +429,8 @@ def stage_evaluate(args, out: Path, minutes: float, commands: list[str]) -> Path
     prior = out / "prior" / "final"  # train_prior.py exports prior/ and text_tokenizer/ here
     flags = ["--image-tokenizer", out / "tokenizer" / "final", "--prior", prior / "prior"]
     flags += ["--text-tokenizer", prior / "text_tokenizer", "--out", pipeline]
-    flags += ["--scorer", out / "scorer" / "final", "--num-candidates", args.num_candidates]
+    if args.num_candidates > 1:
+        flags += ["--scorer", out / "scorer" / "final", "--num-candidates", args.num_candidates]
     run(job("make_pipeline.py", *flags), commands)
     flags = ["--pipeline", pipeline, "--num-prompts", args.num_test_prompts, "--held-out"]
     flags += ["--sweep-guidance", args.sweep_guidance]
@@ -516,17 +530,24 @@ STAGE_TABLE = {
 
 
 # ------------------------------------------------------------------ budget, metrics, main
+def stages(args: argparse.Namespace) -> tuple[str, ...]:
+    """The stages this demo runs: the scorer only when it reranks."""
+    return tuple(stage for stage in STAGES if stage != "scorer" or args.num_candidates > 1)
+
+
 def stage_minutes(stage: str, args: argparse.Namespace, state: dict) -> float:
     """Training budget of a stage in minutes (0 for stages without one)."""
     floor = 0.05  # the jobs' step-time measurement needs a few seconds
+    plan = PLANS[args.num_candidates > 1]
     if stage == "tokenizer":
-        return max(TOKENIZER_SHARE * args.budget_minutes - STARTUP_MINUTES, floor)
+        return max(plan["tokenizer_share"] * args.budget_minutes - STARTUP_MINUTES, floor)
     if stage == "prior":
         spent = sum(state["stages"][name]["seconds"] for name in ("tokenizer", "codes")) / 60
-        reserve = RESERVE_MINUTES + SCORER_MINUTES + 2 * STARTUP_MINUTES
+        startups = (2 if plan["scorer"] else 1) * STARTUP_MINUTES
+        reserve = plan["reserve"] + plan["scorer"] + startups
         return max(args.budget_minutes - spent - reserve, floor)
     if stage == "scorer":
-        return SCORER_MINUTES
+        return plan["scorer"]
     return 0.0
 
 
@@ -537,10 +558,11 @@ def main(args: argparse.Namespace) -> dict:
         clear_outputs(out)
     state = load_state(out, settings_key(args))
     started, redo = time.monotonic(), False
-    for index, stage in enumerate(STAGES, 1):
+    active = stages(args)
+    for index, stage in enumerate(active, 1):
         function, product = STAGE_TABLE[stage]
         description = function.__doc__.splitlines()[0].rstrip(".")
-        print(f"[{index}/{len(STAGES)}] {stage}: {description}", flush=True)
+        print(f"[{index}/{len(active)}] {stage}: {description}", flush=True)
         record = state["stages"].get(stage)
         if not redo and record is not None and (out / product).exists():
             print(
@@ -549,7 +571,7 @@ def main(args: argparse.Namespace) -> dict:
             )
             continue
         redo = True  # every later stage depends on this one
-        for later in STAGES[index - 1 :]:
+        for later in active[index - 1 :]:
             state["stages"].pop(later, None)
         minutes = stage_minutes(stage, args, state)
         if minutes:

@@ -152,3 +152,17 @@ def test_precision_flag_sets_each_jobs_mixed_precision(
     flipped = "fp32" if prior == "bf16" else "bf16"
     other = demo.parse_args(["--precision", flipped, "--device", device])
     assert demo.settings_key(other) != demo.settings_key(args)
+
+
+def test_one_sample_plan_skips_the_scorer_and_reranking_takes_prior_time(tmp_path):
+    one = demo.parse_args(["--output-dir", str(tmp_path)])
+    assert "scorer" not in demo.stages(one) and one.budget_minutes == 9.5
+    assert one.sweep_temperature == "0.35,0.2,0.1"
+    many = demo.parse_args(["--output-dir", str(tmp_path), "--num-candidates", "8"])
+    assert demo.stages(many) == demo.STAGES and many.budget_minutes == 9.9
+    assert many.sweep_temperature == "0.5" and demo.stage_minutes("scorer", many, {}) == 0.7
+    state = {"stages": {"tokenizer": {"seconds": 180.0}, "codes": {"seconds": 12.0}}}
+    spent, startup = 192.0 / 60, demo.STARTUP_MINUTES
+    assert demo.stage_minutes("prior", one, state) == pytest.approx(9.5 - spent - 1.25 - startup)
+    expected = 9.9 - spent - 1.9 - 0.7 - 2 * startup
+    assert demo.stage_minutes("prior", many, state) == pytest.approx(expected)
