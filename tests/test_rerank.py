@@ -17,7 +17,7 @@ from prior import TextTokenizer, code_log_likelihood
 
 @pytest.fixture(scope="module")
 def text_tokenizer() -> TextTokenizer:
-    return TextTokenizer.train(CAPTIONS, vocab_size=48, text_length=32, byte_fallback=False)
+    return TextTokenizer.train(CAPTIONS, vocab_size=48, text_length=40, byte_fallback=False)
 
 
 def tiny_scorer(text_tokenizer: TextTokenizer, **overrides) -> ImageTextScorer:
