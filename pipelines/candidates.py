@@ -52,8 +52,9 @@ def row_generators(
 
     A list may hold one generator per prompt or one per image. A prompt's generator seeds
     `num_images_per_prompt * num_candidates` fresh generators, an image's `num_candidates`
-    (with one candidate, an image's generator is used as is). So an image depends only on its
-    own generator, or on its prompt's, and never on `max_batch_size` or the other prompts.
+    (with one candidate, an image's generator is used as is). So an image's candidates depend
+    only on its own generator, or on its prompt's, not on `max_batch_size` or the other
+    prompts; the scores may differ in the last float bits between batch sizes.
     """
     if generator is None or isinstance(generator, torch.Generator):
         return generator

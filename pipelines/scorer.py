@@ -51,7 +51,8 @@ class ScorerConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"ScorerConfig.{name}={value!r} must be an int >= 1")
-        if not 0 <= self.text_pad_id < self.text_vocab_size:
+        pad = self.text_pad_id
+        if isinstance(pad, bool) or not isinstance(pad, int) or not 0 <= pad < self.text_vocab_size:
             raise ValueError(
                 f"ScorerConfig.text_pad_id={self.text_pad_id} must lie in [0, text_vocab_size="
                 f"{self.text_vocab_size})"

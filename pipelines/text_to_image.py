@@ -80,6 +80,12 @@ class TextToImagePipeline:
             config = PipelineConfig(resolution=self._default_resolution())
         self.config = validated_config(config)
         self._text_lock = threading.Lock()
+        if self.config.num_candidates > 1 and self.config.likelihood_weight == 0 and scorer is None:
+            raise ValueError(
+                f"config.num_candidates={self.config.num_candidates} with likelihood_weight=0 "
+                "needs a scorer to choose among candidates; pass scorer=..., a likelihood_weight "
+                "> 0, or num_candidates=1"
+            )
         check_components(image_tokenizer, prior, text_tokenizer, scorer, self.config.resolution)
         for component in (image_tokenizer, prior, scorer):
             if isinstance(component, torch.nn.Module):
@@ -306,7 +312,8 @@ class TextToImagePipeline:
         for chunk, text in zip(codes.split(max_batch_size), text_ids.split(max_batch_size)):
             likelihoods.append(code_log_likelihood(self.prior, text, chunk).float().cpu())
             if self.scorer is not None:
-                images = self.image_tokenizer.decode(chunk)  # (b, 3, H, W) in [-1, 1]
+                # The scorer learnt renders in [-1, 1]; decoders may overshoot a little.
+                images = self.image_tokenizer.decode(chunk).clamp(-1, 1)  # (b, 3, H, W)
                 device = next(self.scorer.parameters()).device
                 similarity = self.scorer.similarity(images.to(device), text.to(device))  # (b,)
                 similarities.append(similarity.float().cpu())

@@ -13,8 +13,9 @@ Protocol (no figure is chosen on the prompts it reports):
   the best of K candidates by the pipeline's rerank score. Each sweep point draws its K
   candidates once and judges the pick of every `--sweep-likelihood-weight`, so the weight is
   chosen on validation prompts too. Test rows then also report `first_candidate` (the first of
-  the K, an unreranked sample at the same settings) and `any_candidate` (some candidate right:
-  the ceiling of any reranker of these draws).
+  the K, an unreranked sample at the same settings, though not the image a one-sample call with
+  the same seed draws) and `any_candidate` (some candidate right: the ceiling of any reranker
+  of these draws).
 - Test figures use `--num-prompts` prompts of the Shapes *test* split with different sampling
   seeds: seen pairs, and with `--held-out` as many prompts whose colour-shape pair never
   appeared in training. They are reported at the evaluation scale and without CFG (scale 1).
@@ -40,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common.reference import fid_kid, inception_weights, reference_metrics  # noqa: F401
+from common.reference import reference_metrics
 
 from pipelines import TextToImagePipeline
 from pipelines.data.judge import (
@@ -54,7 +55,7 @@ from pipelines.data.shapes import make_shapes_dataset
 from pipelines.output import postprocess
 from pipelines.serialization import update_pipeline_config
 
-SEED_OFFSETS = {"validation": 1, "test_seen": 2, "test_held_out": 3, "reference": 4}
+SEED_OFFSETS = {"validation": 1, "test_seen": 2, "test_held_out": 3}  # reference: 4, its module
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -187,16 +188,30 @@ def judge_setting(
     sampling = {key: setting[key] for key in ("guidance_scale", "temperature", "top_k")}
     if count == 1:
         output = pipeline(
-            captions, generator=generator, max_batch_size=batch, show_progress=False, **sampling
+            captions,
+            generator=generator,
+            max_batch_size=batch,
+            show_progress=False,
+            num_candidates=1,  # not the folder's saved default
+            **sampling,
         )
         return [{**setting, **judge_batch(at_judge_resolution(output.images), records)}]
+    weights = weights or [setting["likelihood_weight"]]
+    if pipeline.scorer is None:  # weight 0 would pick the first candidate; __call__ refuses it
+        weights = [weight for weight in weights if weight > 0]
+        if not weights:
+            raise ValueError(
+                f"num_candidates={count} on a pipeline without a scorer needs a likelihood "
+                "weight > 0; pass --sweep-likelihood-weight with positive values or a pipeline "
+                "with a scorer"
+            )
     candidates = pipeline.sample_candidates(
         captions, count, generator=generator, max_batch_size=batch, show_progress=False, **sampling
     )
     first = judge_images(pipeline, candidates.codes[:, 0], records)
     any_right = any_candidate_right(pipeline, candidates.codes, records)
     rows = []
-    for weight in weights or [setting["likelihood_weight"]]:
+    for weight in weights:
         row = {**setting, "likelihood_weight": weight}
         row.update(judge_images(pipeline, candidates.best_codes(weight), records))
         rows.append({**row, "first_candidate": first, "any_candidate": any_right})
@@ -318,6 +333,11 @@ def main(args: argparse.Namespace) -> dict:
     setting = {key: getattr(config, key) for key in KNOBS}
     if args.num_candidates is not None:
         setting["num_candidates"] = args.num_candidates
+    if args.weights and setting["num_candidates"] == 1:
+        raise ValueError(
+            "--sweep-likelihood-weight weighs candidates, but this evaluation draws one sample "
+            "per image; pass --num-candidates > 1 (with a pipeline that has a scorer)"
+        )
     if args.sweep or args.weights:
         report["sweep"] = run_sweep(pipeline, args, setting)
         setting = {**setting, **report["sweep"]["chosen"]}
@@ -330,7 +350,7 @@ def main(args: argparse.Namespace) -> dict:
     report["sampling"] = {**vars(config), **setting}
     report["test"], report["reconstruction"] = run_tests(pipeline, args, setting)
     if args.reference_dir is not None:
-        report["reference"] = reference_metrics(pipeline, args)
+        report["reference"] = reference_metrics(pipeline, args, setting=setting)
     report["seconds"] = round(time.perf_counter() - start, 2)
     text = json.dumps(report, indent=2)
     if args.out is None:

@@ -97,6 +97,11 @@ def validate_args(args: argparse.Namespace) -> None:
     checks.require_non_negative(args, "weight_decay")
     if not args.channels or min(args.channels) < 1:
         raise ValueError(f"--channels={args.channels} is invalid; use widths >= 1, e.g. 16,32,64")
+    if args.num_val_samples < 2:
+        raise ValueError(
+            f"--num-val-samples={args.num_val_samples} is invalid; validation contrasts "
+            "images with each other's captions, so use >= 2"
+        )
     if args.batch_size < 2:
         raise ValueError(
             f"--batch-size={args.batch_size} is invalid; contrastive training needs >= 2 "
@@ -140,14 +145,10 @@ def setup(args: argparse.Namespace, accelerator, run: RunFolder) -> Job:
     model = ImageTextScorer(config)
     adam = dict(betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
     optimizer = adamw(model, args.learning_rate, args.weight_decay, **adam)
+    run.info(f"{text_tokenizer}; scorer {config}, {model.num_parameters()} parameters")
     model, optimizer = accelerator.prepare(model, optimizer)
     ctx = loop.make_context(args, accelerator, run, accelerator.unwrap_model(model))
-    run.info(f"{text_tokenizer}; scorer {config}, {model_size(model)} parameters")
     return Job(ctx, model, optimizer, text_tokenizer, train, val)
-
-
-def model_size(model: torch.nn.Module) -> int:
-    return sum(parameter.numel() for parameter in model.parameters())
 
 
 def collate(items: list[dict]) -> dict[str, Any]:

@@ -7,6 +7,7 @@ import json
 import demo
 import pytest
 import train_tokenizer
+from common import demo_grid, demo_settings
 from image_files import image_size
 
 MICRO = [
@@ -47,9 +48,9 @@ def test_demo_micro_budget_then_reuse(tmp_path, capsys, monkeypatch):
             rerank["any_candidate_all_correct"][group]
             >= metrics["per_attribute"]["with_cfg"][group]["all_correct"]
         )
-    columns = demo.GRID_IMAGES_PER_PROMPT * demo.GRID_PROMPTS_PER_ROW
-    rows = len(demo.grid_records()) * demo.GRID_IMAGES_PER_PROMPT // columns
-    side = 32 * demo.GRID_SCALE
+    columns = demo_grid.GRID_IMAGES_PER_PROMPT * demo_grid.GRID_PROMPTS_PER_ROW
+    rows = len(demo_grid.grid_records()) * demo_grid.GRID_IMAGES_PER_PROMPT // columns
+    side = 32 * demo_grid.GRID_SCALE
     assert image_size(out / "grid.png") == (columns * (side + 2) + 2, rows * (side + 2) + 2)
     for stage in ("tokenizer", "prior", "scorer"):
         assert str(out / stage / "curves.png") in printed and (out / stage / "curves.png").is_file()
@@ -71,7 +72,7 @@ def test_demo_refuses_outputs_made_with_other_settings(tmp_path):
 def test_grid_prompts_mark_the_held_out_pairs():
     from pipelines.data.shapes import is_held_out
 
-    records = demo.grid_records()
+    records = demo_grid.grid_records()
     assert [is_held_out(record) for record in records] == [False] * 12 + [True] * 4
     assert records[1]["caption"] == "a small blue square in the top left on a gray background"
 
@@ -125,7 +126,7 @@ def test_tokenizer_stage_is_stretched_to_its_minimum_steps_within_half_the_budge
 )
 def test_native_bf16_flags_read_the_cpuinfo_flags_line(flags, expected):
     cpuinfo = f"processor\t: 0\nmodel name\t: some CPU bf16\nflags\t\t: {flags}\n\nprocessor\t: 1\n"
-    assert demo.native_bf16_flags(cpuinfo) == expected
+    assert demo_settings.native_bf16_flags(cpuinfo) == expected
 
 
 @pytest.mark.parametrize(
@@ -142,7 +143,9 @@ def test_native_bf16_flags_read_the_cpuinfo_flags_line(flags, expected):
 def test_precision_flag_sets_each_jobs_mixed_precision(
     monkeypatch, precision, device, bf16_cpu, tokenizer, prior
 ):
-    monkeypatch.setattr(demo, "cpu_bf16_flags", lambda: ("avx512_bf16",) if bf16_cpu else ())
+    monkeypatch.setattr(
+        demo_settings, "cpu_bf16_flags", lambda: ("avx512_bf16",) if bf16_cpu else ()
+    )
     args = demo.parse_args(["--precision", precision, "--device", device])
     settings = demo.train_settings(args)
     for job, expected in (("tokenizer", tokenizer), ("prior", prior)):

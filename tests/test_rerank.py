@@ -89,7 +89,13 @@ def test_scorer_save_load_round_trip(components, tmp_path):
 
 @pytest.mark.parametrize(
     "field, value",
-    [("embed_dim", 0), ("channels", ()), ("text_pad_id", 48), ("pooled_grid", 1.5)],
+    [
+        ("embed_dim", 0),
+        ("channels", ()),
+        ("text_pad_id", 48),
+        ("text_pad_id", 1.5),
+        ("pooled_grid", 1.5),
+    ],
 )
 def test_scorer_config_rejects_bad_values(text_tokenizer, field, value):
     with pytest.raises(ValueError, match=field):
@@ -231,6 +237,13 @@ def test_bad_rerank_arguments_raise_value_error(pipeline, kwargs, name):
         pipeline(PROMPTS, show_progress=False, **kwargs)
 
 
+def test_candidates_without_a_way_to_choose_are_refused_at_construction(components):
+    with pytest.raises(ValueError, match="num_candidates=4 with likelihood_weight=0"):
+        TextToImagePipeline(*components[:3], config=dict(resolution=16, num_candidates=4))
+    config = dict(resolution=16, num_candidates=4, likelihood_weight=0.1)
+    assert TextToImagePipeline(*components[:3], config=config).config.num_candidates == 4
+
+
 def test_scorer_of_another_text_tokenizer_is_refused(components):
     image_tokenizer, prior, text_tokenizer, _ = components
     other = tiny_scorer(text_tokenizer, text_pad_id=text_tokenizer.pad_id + 1)
@@ -265,6 +278,7 @@ def test_a_pipeline_without_scorer_saves_null_and_old_folders_load(components, t
     assert TextToImagePipeline.from_pretrained(tmp_path / "pipe").scorer is None
     del index["scorer"]  # a folder written before the scorer existed
     path.write_text(json.dumps(index))
+    assert TextToImagePipeline.from_pretrained(tmp_path / "pipe").scorer is None
     config = tmp_path / "pipe" / "pipeline_config.json"
     values = json.loads(config.read_text())
     config.write_text(json.dumps({k: v for k, v in values.items() if k != "num_candidates"}))

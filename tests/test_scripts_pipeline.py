@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import sample
 import torch
+from common.reference import fid_kid, inception_weights, reference_metrics
 from image_files import image_pixels, image_size
 from PIL import Image
 from test_evaluate_tokenizer import _Grey, _Lossless
@@ -174,6 +175,27 @@ def test_evaluate_chooses_the_rerank_weight_on_validation(component_dirs, tmp_pa
         assert row["any_candidate"] >= row["first_candidate"]["all_correct"]
     # Scale 1 draws without CFG already: the row is reused, not sampled again.
     assert report["test"]["without_cfg"] == report["test"]["with_cfg"]
+    # A one-sample evaluation of this folder draws one sample, whatever its saved default.
+    one = evaluate_pipeline.main(
+        evaluate_pipeline.parse_args(
+            ["--pipeline", str(folder), "--num-prompts", "2", "--num-candidates", "1"]
+        )
+    )
+    assert one["test"]["with_cfg"]["seen"]["num_candidates"] == 1
+    assert "first_candidate" not in one["test"]["with_cfg"]["seen"]
+    with pytest.raises(ValueError, match="--num-candidates > 1"):
+        evaluate_pipeline.main(
+            evaluate_pipeline.parse_args(
+                [
+                    "--pipeline",
+                    str(folder),
+                    "--num-candidates",
+                    "1",
+                    "--sweep-likelihood-weight",
+                    "0,1",
+                ]
+            )
+        )
 
 
 @pytest.mark.parametrize("resolution", [32, 64])
@@ -251,8 +273,8 @@ class TinyFeatures(torch.nn.Module):
 def test_fid_kid_with_a_small_feature_network():
     torch.manual_seed(0)
     real = torch.randint(0, 256, (24, 3, 16, 16), dtype=torch.uint8)
-    same = evaluate_pipeline.fid_kid(real, real.clone(), TinyFeatures())
-    darker = evaluate_pipeline.fid_kid(real, real // 3, TinyFeatures())
+    same = fid_kid(real, real.clone(), TinyFeatures())
+    darker = fid_kid(real, real // 3, TinyFeatures())
     assert abs(same["fid"]) < 1e-3
     assert darker["fid"] > 100 * max(abs(same["fid"]), 1e-4) and darker["kid"] > same["kid"]
 
@@ -274,9 +296,9 @@ def test_reference_dir_fid_path_and_missing_weights_message(pipeline_dir, tmp_pa
         batch_size=4,
     )
     pipeline = TextToImagePipeline.from_pretrained(pipeline_dir)
-    result = evaluate_pipeline.reference_metrics(pipeline, args, feature=TinyFeatures())
+    result = reference_metrics(pipeline, args, feature=TinyFeatures())
     assert result["num_images"] == 6 and np.isfinite(result["fid"]) and np.isfinite(result["kid"])
-    if evaluate_pipeline.inception_weights(None) is None:
-        skipped = evaluate_pipeline.reference_metrics(pipeline, args)
+    if inception_weights(None) is None:
+        skipped = reference_metrics(pipeline, args)
         assert skipped["fid"] is None and "--inception-weights" in skipped["message"]
         assert "FID/KID skipped" in capsys.readouterr().out

@@ -38,8 +38,9 @@ def fid_kid(real: torch.Tensor, fake: torch.Tensor, feature, weights: Path | Non
     return {"fid": float(fid.compute()), "kid": float(kid_mean), "kid_std": float(kid_std)}
 
 
-def reference_metrics(pipeline, args, feature=2048) -> dict:
-    """Sample one image per reference caption and compare with the reference images."""
+def reference_metrics(pipeline, args, feature=2048, setting: dict | None = None) -> dict:
+    """Sample one image per reference caption with the evaluation's sampling `setting` (None:
+    the pipeline's saved defaults) and compare with the reference images."""
     from pipelines.data.images import load_image_caption_dataset
     from pipelines.data.sources import available_splits
 
@@ -71,6 +72,7 @@ def reference_metrics(pipeline, args, feature=2048) -> dict:
         output_type="pt",
         max_batch_size=args.batch_size,
         show_progress=False,
+        **(setting or {}),
     ).images
     fake = (fake * 255).round().to(torch.uint8)  # (N, 3, H, W)
     return {"num_images": count, "split": split, **fid_kid(real, fake, feature, weights)}
