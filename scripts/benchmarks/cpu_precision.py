@@ -24,7 +24,7 @@ import copy
 
 import torch
 import torch.nn.functional as F
-from demo import cpu_bf16_flags  # the check behind demo.py --precision auto
+from common.demo_settings import cpu_bf16_flags  # the check behind demo.py --precision auto
 
 from benchmarks.common import Row, Settings, matmul_peak_flops, time_pair
 from benchmarks.training import make_prior_step
