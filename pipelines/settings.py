@@ -100,7 +100,12 @@ def check_components(
 
 def check_scorer(scorer: Any, text_tokenizer: Any) -> None:
     """The scorer must read the pipeline's text ids: same pad id, vocabulary large enough."""
-    config = scorer.config
+    config = getattr(scorer, "config", None)
+    if not hasattr(config, "text_vocab_size") or not callable(getattr(scorer, "similarity", None)):
+        raise ValueError(
+            f"scorer of type {type(scorer).__name__} is not an image-caption scorer; pass a "
+            "pipelines.ImageTextScorer (scripts/train_scorer.py) or None"
+        )
     if int(text_tokenizer.vocab_size) > int(config.text_vocab_size) or int(
         text_tokenizer.pad_id
     ) != int(config.text_pad_id):

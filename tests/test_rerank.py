@@ -252,6 +252,8 @@ def test_scorer_of_another_text_tokenizer_is_refused(components):
     small = tiny_scorer(text_tokenizer, text_vocab_size=8)
     with pytest.raises(ValueError, match="scorer mismatch"):
         TextToImagePipeline(image_tokenizer, prior, text_tokenizer, scorer=small)
+    with pytest.raises(ValueError, match="not an image-caption scorer"):
+        TextToImagePipeline(image_tokenizer, prior, text_tokenizer, scorer=prior)
 
 
 def test_save_load_keeps_the_scorer_and_the_rerank_defaults(components, tmp_path):
