@@ -64,6 +64,17 @@ def resolve_settings(
     )
 
 
+def check_choice(num_candidates: int, likelihood_weight: float, scorer: Any) -> None:
+    """Several candidates need a way to choose among them: a scorer or a likelihood weight."""
+    if num_candidates > 1 and likelihood_weight == 0 and scorer is None:
+        raise ValueError(
+            f"num_candidates={num_candidates} with likelihood_weight=0 needs a scorer to choose "
+            "among candidates, and this pipeline has no scorer; pass likelihood_weight > 0 (rank "
+            "by the prior's likelihood alone), a scorer (scripts/train_scorer.py, "
+            "scripts/make_pipeline.py --scorer) or num_candidates=1"
+        )
+
+
 def check_components(
     image_tokenizer: Any, prior: Any, text_tokenizer: Any, scorer: Any, resolution: int
 ) -> None:

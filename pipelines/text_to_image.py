@@ -37,7 +37,12 @@ from pipelines.serialization import (
     validated_config,
     write_json,
 )
-from pipelines.settings import SamplingSettings, check_components, resolve_settings
+from pipelines.settings import (
+    SamplingSettings,
+    check_choice,
+    check_components,
+    resolve_settings,
+)
 from prior import code_log_likelihood, generate
 
 
@@ -80,12 +85,7 @@ class TextToImagePipeline:
             config = PipelineConfig(resolution=self._default_resolution())
         self.config = validated_config(config)
         self._text_lock = threading.Lock()
-        if self.config.num_candidates > 1 and self.config.likelihood_weight == 0 and scorer is None:
-            raise ValueError(
-                f"config.num_candidates={self.config.num_candidates} with likelihood_weight=0 "
-                "needs a scorer to choose among candidates; pass scorer=..., a likelihood_weight "
-                "> 0, or num_candidates=1"
-            )
+        check_choice(self.config.num_candidates, self.config.likelihood_weight, scorer)
         check_components(image_tokenizer, prior, text_tokenizer, scorer, self.config.resolution)
         for component in (image_tokenizer, prior, scorer):
             if isinstance(component, torch.nn.Module):
@@ -227,13 +227,7 @@ class TextToImagePipeline:
                 f"output_type={output_type!r} is not supported; use one of {OUTPUT_TYPES}"
             )
         if settings.num_candidates > 1:
-            if self.scorer is None and settings.likelihood_weight == 0:
-                raise ValueError(
-                    f"num_candidates={settings.num_candidates} needs a way to choose: this "
-                    "pipeline has no scorer, so pass likelihood_weight > 0 (rank by the prior's "
-                    "likelihood alone) or load a pipeline with a scorer (scripts/train_scorer.py, "
-                    "scripts/make_pipeline.py --scorer)"
-                )
+            check_choice(settings.num_candidates, settings.likelihood_weight, self.scorer)
             candidates = self._candidates(
                 prompts, num_images_per_prompt, settings, generator, show_progress
             )

@@ -50,6 +50,7 @@ from pipelines.data.judge import (
     judge_batch,
     judge_image,
     judge_reconstructions,
+    summarize_verdicts,
 )
 from pipelines.data.shapes import make_shapes_dataset
 from pipelines.output import postprocess
@@ -163,12 +164,6 @@ def shapes_prompts(split: str, count: int, held_out: bool, seed: int) -> list[di
 KNOBS = ("guidance_scale", "temperature", "top_k", "num_candidates", "likelihood_weight")
 
 
-def judge_images(pipeline: TextToImagePipeline, codes: torch.Tensor, records: list[dict]) -> dict:
-    """Decode codes (N, h, w) and judge image i against record i."""
-    images = postprocess(pipeline.decode(codes), "pil")
-    return judge_batch(at_judge_resolution(images), records)
-
-
 def judge_setting(
     pipeline: TextToImagePipeline,
     records: list[dict],
@@ -208,26 +203,27 @@ def judge_setting(
     candidates = pipeline.sample_candidates(
         captions, count, generator=generator, max_batch_size=batch, show_progress=False, **sampling
     )
-    first = judge_images(pipeline, candidates.codes[:, 0], records)
-    any_right = any_candidate_right(pipeline, candidates.codes, records)
+    verdicts = judge_candidates(pipeline, candidates.codes, records)  # [K][N]
+    first = summarize_verdicts(verdicts[0], records)
+    any_right = float(
+        np.mean([any(v[i]["all_correct"] for v in verdicts) for i in range(len(records))])
+    )
     rows = []
     for weight in weights:
-        row = {**setting, "likelihood_weight": weight}
-        row.update(judge_images(pipeline, candidates.best_codes(weight), records))
+        best = candidates.best(weight).tolist()  # (N,) candidate index per record
+        picked = [verdicts[k][i] for i, k in enumerate(best)]
+        row = {**setting, "likelihood_weight": weight, **summarize_verdicts(picked, records)}
         rows.append({**row, "first_candidate": first, "any_candidate": any_right})
     return rows
 
 
-def any_candidate_right(pipeline: TextToImagePipeline, codes: torch.Tensor, records: list) -> float:
-    """Share of records with at least one all-correct candidate among codes (N, K, h, w)."""
-    count = codes.shape[1]
-    right = np.zeros(len(records), bool)
-    for index in range(count):
-        images = postprocess(pipeline.decode(codes[:, index]), "pil")
-        verdicts = [judge_image(image, record)["all_correct"] for image, record in
-                    zip(at_judge_resolution(images), records)]  # fmt: skip
-        right |= np.array(verdicts, bool)
-    return float(right.mean())
+def judge_candidates(pipeline: TextToImagePipeline, codes: torch.Tensor, records: list) -> list:
+    """`judge_image` verdicts of every candidate, decoded once: codes (N, K, h, w) -> [K][N]."""
+    verdicts = []
+    for index in range(codes.shape[1]):
+        images = at_judge_resolution(postprocess(pipeline.decode(codes[:, index]), "pil"))
+        verdicts.append([judge_image(image, record) for image, record in zip(images, records)])
+    return verdicts
 
 
 def run_sweep(pipeline: TextToImagePipeline, args: argparse.Namespace, default: dict) -> dict:

@@ -330,6 +330,12 @@ def judge_batch(images, attributes_list) -> dict:
     if len(images) == 0:
         raise ValueError("images is empty; pass at least one image to judge")
     results = [judge_image(image, attrs) for image, attrs in zip(images, attributes_list)]
+    return summarize_verdicts(results, attributes_list)
+
+
+def summarize_verdicts(results: list[dict], attributes_list) -> dict:
+    """`judge_batch`'s summary of `judge_image` verdicts already made, one per record (so an
+    evaluation that picks among judged images need not judge them again)."""
     sizes = [attrs.get("size") for attrs in attributes_list]
     by_size = {
         size: _summarize([r for r, asked in zip(results, sizes) if asked == size])
