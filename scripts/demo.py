@@ -37,7 +37,6 @@ import argparse
 import json
 import os
 import shlex
-import shutil
 import subprocess
 import sys
 import time
@@ -46,6 +45,7 @@ from pathlib import Path
 from common.demo_grid import stage_grid as sample_grid
 from common.demo_report import build_metrics, print_summary
 from common.demo_settings import tokenizer_batch_size, train_settings
+from common.demo_state import clear_outputs, load_state, save_state
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPTS = REPO / "scripts"
@@ -90,10 +90,11 @@ SWEEPS = {
     False: {"guidance": "1,1.5,2", "temperature": "0.35,0.2,0.1"},
 }
 STARTUP_MINUTES = 0.1  # interpreter and import time of a job, outside its own budget
-PRODUCTS = ("tokenizer", "codes", "prior", "scorer", "pipeline", "evaluation.json", "grid.png")
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """Every flag of the demo, each with its --help text; None defaults are resolved by
+    parse_args from the plan (one sample or reranking)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add = parser.add_argument
     add("--resolution", type=int, default=32, choices=[32], help="the demo preset is 32 px")
@@ -158,6 +159,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="0,0.01,0.03,0.1",
         help="weights of the prior's log-likelihood in the rerank score, tried on each draw",
     )
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The flags, with the plan's budget and sweeps filled in; bad values exit with usage."""
+    parser = build_parser()
     args = parser.parse_args(argv)
     reranking = args.num_candidates > 1
     if args.budget_minutes is None:
@@ -179,39 +186,6 @@ def settings_key(args: argparse.Namespace) -> dict:
     names = ("resolution", "device", "seed", "tokenizer_steps", "prior_steps", "scorer_steps")
     names += ("budget_minutes", "num_candidates")
     return {**{name: getattr(args, name) for name in names}, **train_settings(args)}
-
-
-# ------------------------------------------------------------------ stage bookkeeping
-def load_state(out: Path, key: dict) -> dict:
-    """OUT/demo_state.json, or a new state; ValueError if it was made with other settings."""
-    path = out / "demo_state.json"
-    if not path.is_file():
-        return {"settings": key, "stages": {}}
-    state = json.loads(path.read_text())
-    if state.get("settings") != key:
-        raise ValueError(
-            f"{out} holds a demo made with other settings ({state.get('settings')}); pass --fresh "
-            "to redo it or choose another --output-dir"
-        )
-    return state
-
-
-def save_state(out: Path, state: dict) -> None:
-    """Write the state atomically (a killed demo never leaves a half-written file)."""
-    path = out / "demo_state.json"
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(state, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
-def clear_outputs(out: Path) -> None:
-    """Remove what the demo wrote (only its own products, never other files in OUT)."""
-    for name in (*PRODUCTS, "demo_state.json", "metrics.json", "grid_prompts.json"):
-        path = out / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
 
 
 def job_threads() -> int:

@@ -80,6 +80,14 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=loop.HelpFormatter,
     )
     loop.add_common_arguments(parser, learning_rate=1e-3)
+    add_model_arguments(parser)
+    add_data_arguments(parser)
+    add_loss_arguments(parser)
+    return parser
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The VQGAN's architecture and quantizer flags; None keeps the preset's value."""
     add, optional = parser.add_argument, argparse.BooleanOptionalAction
     # fmt: off
     add("--preset", default="cpu-tiny", help=f"VQGAN preset, one of {sorted(PRESETS)}")
@@ -119,6 +127,13 @@ def build_parser() -> argparse.ArgumentParser:
     add("--code-search-threshold", type=float, default=None,
         help="least fall of the squared error ([-1, 1] units, summed over channels and the 3x3 "
         "codes around it) for the search to swap a code (default: the preset's)")
+    # fmt: on
+
+
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """Where the images come from and how they are augmented."""
+    add = parser.add_argument
+    # fmt: off
     add("--data", default="shapes", help="'shapes', an image folder, .tar shards, a "
         "save_to_disk folder or a datasets name (validation split: 'validation' if present)")
     add("--resolution", type=int, default=32, help="image side; a multiple of the downsample "
@@ -130,6 +145,14 @@ def build_parser() -> argparse.ArgumentParser:
     add("--channel-shuffle", type=float, default=0.0, help="probability of permuting a training "
         "image's RGB channels (0: off); more colours per shape for the tokenizer, grays kept "
         "(docs/experiments.md)")
+    # fmt: on
+
+
+def add_loss_arguments(parser: argparse.ArgumentParser) -> None:
+    """The loss terms (reconstruction, perceptual, GAN), both optimizers' settings and a debug
+    flag."""
+    add = parser.add_argument
+    # fmt: off
     add("--reconstruction", default="l1", help="'l1' (taming) or 'l2'")
     add("--edge-weight", type=float, default=0.0, help="extra weight on the reconstruction "
         "error near edges, e.g. 1 (0: off); sharper small objects (docs/experiments.md)")
@@ -154,7 +177,6 @@ def build_parser() -> argparse.ArgumentParser:
     add("--record-sample-indices", action="store_true", help="debug: append the sample "
         "indices each rank trains on to OUTPUT/samples-rank<R>.txt (used by the DDP test)")
     # fmt: on
-    return parser
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
