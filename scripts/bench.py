@@ -1,4 +1,4 @@
-"""Side-by-side benchmarks against reference implementations (issue 7).
+"""Side-by-side benchmarks against reference implementations.
 
     python scripts/bench.py all                  # every CPU ratio, printed as a table
     python scripts/bench.py tokenizer --json out.json

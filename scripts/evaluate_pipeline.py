@@ -41,6 +41,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common.help import HelpFormatter
 from common.reference import reference_metrics
 
 from pipelines import TextToImagePipeline
@@ -60,47 +61,42 @@ SEED_OFFSETS = {"validation": 1, "test_seen": 2, "test_held_out": 3}  # referenc
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--pipeline", type=Path, required=True, help="pipeline folder")
-    parser.add_argument("--num-prompts", type=int, default=200, help="test prompts per group")
-    parser.add_argument("--held-out", action="store_true", help="also test held-out pairs")
-    parser.add_argument("--sweep-guidance", default=None, help="comma list, e.g. 1,1.5,2,3")
-    parser.add_argument("--sweep-temperature", default=None, help="comma list, e.g. 1,0.8")
-    parser.add_argument("--sweep-top-k", default=None, help="comma list; 0 means no top-k")
-    parser.add_argument(
-        "--num-candidates",
-        type=int,
-        default=None,
-        help="candidates per image, reranked (default: the pipeline's saved value)",
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter
     )
-    parser.add_argument(
-        "--sweep-likelihood-weight",
-        default=None,
-        help="comma list of rerank likelihood weights tried on each draw of the sweep",
-    )
-    parser.add_argument(
-        "--num-validation-prompts",
-        type=int,
-        default=200,
-        help="validation prompts the sweeps choose on (never the test prompts)",
-    )
-    parser.add_argument("--no-save-default", action="store_true", help="don't store the best")
-    parser.add_argument("--guidance-scale", type=float, default=None, help="default: saved/best")
-    parser.add_argument("--temperature", type=float, default=None, help="default: saved/best")
-    parser.add_argument("--top-k", type=int, default=None, help="default: saved/best; 0: none")
-    parser.add_argument("--tokenizer-images", type=int, default=0, help="PSNR/usage images")
-    parser.add_argument("--reference-dir", type=Path, default=None, help="real images + captions")
-    parser.add_argument("--reference-split", default=None, help="default: validation if any")
-    parser.add_argument(
-        "--inception-weights",
-        type=Path,
-        default=None,
-        help="FID Inception weights (.pth) for --reference-dir; none are downloaded",
-    )
-    parser.add_argument("--seed", type=int, default=0, help="seed of prompts and generators")
-    parser.add_argument("--batch-size", type=int, default=100, help="images per sampling batch")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    parser.add_argument("--out", type=Path, default=None, help="write the JSON report here")
+    add = parser.add_argument
+    chosen = "(default: the sweep's choice, else the pipeline's saved value)"
+    # fmt: off
+    add("--pipeline", type=Path, required=True, help="pipeline folder")
+    add("--num-prompts", type=int, default=200, help="test prompts per group (seen, held-out)")
+    add("--held-out", action="store_true", help="also test held-out colour-shape pairs")
+    add("--sweep-guidance", default=None, help="comma list of guidance scales, e.g. 1,1.5,2,3")
+    add("--sweep-temperature", default=None, help="comma list of temperatures, e.g. 1,0.8")
+    add("--sweep-top-k", default=None, help="comma list of top-k values; 0 means no top-k")
+    add("--num-candidates", type=int, default=None,
+        help="candidates per image, reranked (default: the pipeline's saved value)")
+    add("--sweep-likelihood-weight", default=None,
+        help="comma list of rerank likelihood weights tried on each draw of the sweep")
+    add("--num-validation-prompts", type=int, default=200,
+        help="validation prompts the sweeps choose on (never the test prompts)")
+    add("--no-save-default", action="store_true",
+        help="don't write the sweep's choice into the pipeline's pipeline_config.json")
+    add("--guidance-scale", type=float, default=None, help=f"guidance of the test {chosen}")
+    add("--temperature", type=float, default=None, help=f"temperature of the test {chosen}")
+    add("--top-k", type=int, default=None, help=f"top-k of the test, 0 = none {chosen}")
+    add("--tokenizer-images", type=int, default=0,
+        help="validation images for the tokenizer's PSNR and codebook usage (0: skip)")
+    add("--reference-dir", type=Path, default=None,
+        help="real images with captions: FID / KID of samples of their captions")
+    add("--reference-split", default=None,
+        help="split of --reference-dir (default: 'validation' if it has one, else 'train')")
+    add("--inception-weights", type=Path, default=None,
+        help="FID Inception weights (.pth) for --reference-dir; none are downloaded")
+    add("--seed", type=int, default=0, help="seed of prompts and generators")
+    add("--batch-size", type=int, default=100, help="images per sampling batch")
+    add("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    add("--out", type=Path, default=None, help="write the JSON report here")
+    # fmt: on
     args = parser.parse_args(argv)
     for name in ("num_prompts", "num_validation_prompts", "batch_size", "num_candidates"):
         if getattr(args, name) is not None and getattr(args, name) < 1:

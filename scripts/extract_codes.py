@@ -29,6 +29,7 @@ import datasets
 import numpy as np
 import torch
 from accelerate import Accelerator
+from common.help import HelpFormatter
 from tqdm.auto import tqdm
 
 from codegrid.io import atomic_directory
@@ -43,7 +44,7 @@ _LEFT_RIGHT = re.compile(r"\b(left|right)\b")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options (see --help)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
+                                     formatter_class=HelpFormatter)  # fmt: skip
     add = parser.add_argument
     add("--tokenizer", required=True, help="image tokenizer folder (VQGAN.save_pretrained output)")
     add("--data", default="shapes", help="'shapes', an image folder, .tar shards (file, folder "
@@ -55,16 +56,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--resolution", type=int, default=None, help="image side in pixels (default: the "
         "tokenizer's configured resolution)")  # fmt: skip
     add("--num-samples", type=int, default=None, help="Shapes: train images to generate; "
-        "other data: read only the first N candidates of train")  # fmt: skip
-    add("--num-validation-samples", type=int, default=None, help="the same for validation")
+        "other data: read only the first N candidates of train (default: all; Shapes: 1000)")  # fmt: skip
+    add("--num-validation-samples", type=int, default=None, help="the same for validation "
+        "(default: all; Shapes: 1000)")  # fmt: skip
     add("--seed", type=int, default=0, help="Shapes seed and validation hold-out seed")
     add("--flip", action="store_true", help="also store horizontally flipped copies (Shapes: "
         "left/right swapped in caption and position; other data: captions unchanged)")  # fmt: skip
     add("--batch-size", type=int, default=64, help="images per tokenizer forward pass")
     add("--num-workers", type=int, default=0, help="DataLoader workers per process")
     add("--shard-size", type=int, default=2048, help="images per shard (the resume unit)")
-    add("--image-column", default=None, help="image column of a `datasets` source")
-    add("--caption-column", default=None, help="caption column (folders: metadata key)")
+    add(
+        "--image-column",
+        default=None,
+        help="image column of a `datasets` source (default: detected)",
+    )
+    add(
+        "--caption-column",
+        default=None,
+        help="caption column (folders: metadata key; default: detected)",
+    )
     add("--missing-caption", choices=["null", "skip"], default="null", help="images without "
         "a caption: 'null' trains them with the empty caption, 'skip' drops them")  # fmt: skip
     add("--overwrite", action="store_true", help="delete OUT and start again")

@@ -16,59 +16,52 @@ import dataclasses
 import json
 from pathlib import Path
 
+from common.help import HelpFormatter
+
 from pipelines import ImageTextScorer, PipelineConfig, TextToImagePipeline
 from prior import Prior, TextTokenizer
 from tokenizer import VQGAN
 
 
+# fmt: off
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--image-tokenizer", type=Path, required=True, help="VQGAN folder")
-    parser.add_argument("--prior", type=Path, required=True, help="Prior folder")
-    parser.add_argument(
-        "--text-tokenizer",
-        type=Path,
-        required=True,
-        help="TextTokenizer folder, local HF tokenizer folder or SentencePiece .model file",
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter
     )
-    parser.add_argument("--out", type=Path, required=True, help="pipeline folder to write")
-    parser.add_argument("--resolution", type=int, default=None, help="default: the tokenizer's")
-    parser.add_argument(
-        "--guidance-scale", type=float, default=None, help="default sampling guidance (>= 0)"
-    )
-    parser.add_argument(
-        "--temperature", type=float, default=None, help="default sampling temperature (> 0)"
-    )
-    parser.add_argument(
-        "--top-k", type=int, default=None, help="default top-k; unset keeps all codes"
-    )
-    parser.add_argument("--top-p", type=float, default=None, help="default nucleus mass in (0, 1]")
-    parser.add_argument(
-        "--max-batch-size",
-        type=int,
-        default=None,
-        help="images per prior forward; larger requests are chunked",
-    )
-    parser.add_argument(
-        "--scorer",
-        type=Path,
-        default=None,
+    add = parser.add_argument
+    defaults = {field.name: field.default for field in dataclasses.fields(PipelineConfig)}
+
+    def saved(name: str) -> str:
+        return f"(default: {defaults[name]}, PipelineConfig's)"
+
+    add("--image-tokenizer", type=Path, required=True, help="VQGAN folder")
+    add("--prior", type=Path, required=True, help="Prior folder")
+    add("--text-tokenizer", type=Path, required=True,
+        help="TextTokenizer folder, local HF tokenizer folder or SentencePiece .model file")
+    add("--out", type=Path, required=True, help="pipeline folder to write")
+    add("--resolution", type=int, default=None,
+        help="side of the decoded images in pixels (default: the tokenizer's)")
+    add("--guidance-scale", type=float, default=None,
+        help=f"sampling guidance saved as the default, >= 0, 1 = off {saved('guidance_scale')}")
+    add("--temperature", type=float, default=None,
+        help=f"sampling temperature saved as the default, > 0 {saved('temperature')}")
+    add("--top-k", type=int, default=None,
+        help=f"default top-k; unset keeps all codes {saved('top_k')}")
+    add("--top-p", type=float, default=None,
+        help=f"default nucleus mass in (0, 1] {saved('top_p')}")
+    add("--max-batch-size", type=int, default=None,
+        help=f"images per prior forward; larger requests are chunked {saved('max_batch_size')}")
+    add("--scorer", type=Path, default=None,
         help="ImageTextScorer folder (scripts/train_scorer.py's OUTPUT/final) that reranks "
-        "candidates; trained on this --text-tokenizer's ids",
-    )
-    parser.add_argument(
-        "--num-candidates",
-        type=int,
-        default=None,
-        help="default candidates sampled per returned image (1: no reranking)",
-    )
-    parser.add_argument(
-        "--likelihood-weight",
-        type=float,
-        default=None,
-        help="default weight of the prior's log-likelihood (nats) in the rerank score",
-    )
+        "candidates; trained on this --text-tokenizer's ids (default: none)")
+    add("--num-candidates", type=int, default=None,
+        help="default candidates sampled per returned image, 1 = no reranking "
+        f"{saved('num_candidates')}")
+    add("--likelihood-weight", type=float, default=None,
+        help="default weight of the prior's log-likelihood (nats) in the rerank score "
+        f"{saved('likelihood_weight')}")
     return parser.parse_args(argv)
+# fmt: on
 
 
 def sampling_config(args: argparse.Namespace, image_tokenizer: VQGAN) -> PipelineConfig:

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from common.help import HelpFormatter
 from PIL import Image
 
 from codegrid.io import atomic_directory
@@ -52,7 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         epilog=f"Install the packages first: {NPM_COMMAND}",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     add = parser.add_argument
     add("--npm-dir", required=True, help="the --prefix folder of the npm install (holding "

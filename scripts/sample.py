@@ -5,7 +5,7 @@
 
 Prompts come from the positional arguments and/or `--prompts-file` (one per line; blank lines
 skipped). Image `i` of prompt `p` is written to `OUT/p{p:03d}_{i:02d}.png`; `OUT/grid.png` has
-one row per prompt, and `OUT/prompts.json` maps files to prompts. Each prompt gets its own
+one row per prompt (near-square, in prompt order, with one image per prompt), and `OUT/prompts.json` maps files to prompts. Each prompt gets its own
 generator seeded `seed + p`, so an image depends only on the seed and its prompt's position.
 """
 
@@ -17,28 +17,35 @@ import math
 from pathlib import Path
 
 import torch
+from common.help import HelpFormatter
 
 from pipelines import TextToImagePipeline
 from pipelines.output import make_grid
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("prompts", nargs="*", help="captions to sample")
-    parser.add_argument("--pipeline", type=Path, required=True, help="pipeline folder")
-    parser.add_argument("--prompts-file", type=Path, default=None, help="one prompt per line")
-    parser.add_argument("--out", type=Path, required=True, help="output folder")
-    parser.add_argument("--num-images-per-prompt", type=int, default=1, help="images per prompt")
-    parser.add_argument(
-        "--seed", type=int, default=0, help="prompt i uses a generator seeded seed + i"
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter
     )
-    parser.add_argument("--guidance-scale", type=float, default=None, help="default: saved")
-    parser.add_argument("--temperature", type=float, default=None, help="default: saved")
-    parser.add_argument("--top-k", type=int, default=None, help="default: saved")
-    parser.add_argument("--top-p", type=float, default=None, help="default: saved")
-    parser.add_argument("--max-batch-size", type=int, default=None, help="default: saved")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add = parser.add_argument
+    saved = "(default: the pipeline's pipeline_config.json)"
+    add("prompts", nargs="*", help="captions to sample")
+    add("--pipeline", type=Path, required=True, help="pipeline folder (make_pipeline.py)")
+    add("--prompts-file", type=Path, default=None, help="one prompt per line, after the others")
+    add("--out", type=Path, required=True, help="output folder")
+    add("--num-images-per-prompt", type=int, default=1, help="images per prompt")
+    add("--seed", type=int, default=0, help="prompt i uses a generator seeded seed + i")
+    add("--guidance-scale", type=float, default=None, help=f"CFG scale, 1 = off {saved}")
+    add("--temperature", type=float, default=None, help=f"softmax temperature {saved}")
+    add("--top-k", type=int, default=None, help=f"keep the k most likely codes {saved}")
+    add("--top-p", type=float, default=None, help=f"nucleus mass in (0, 1] {saved}")
+    add("--max-batch-size", type=int, default=None, help=f"rows per prior call {saved}")
+    add("--num-candidates", type=int, default=None, help="codes sampled per image, the best "
+        f"kept by the pipeline's scorer and likelihood (1: no reranking) {saved}")  # fmt: skip
+    add("--likelihood-weight", type=float, default=None, help="weight of the prior's "
+        f"log-likelihood in the rerank score {saved}")  # fmt: skip
+    add("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    add("--no-progress", action="store_true", help="hide the progress bar")
     return parser.parse_args(argv)
 
 
@@ -84,6 +91,8 @@ def main(args: argparse.Namespace) -> Path:
         top_k=args.top_k,
         top_p=args.top_p,
         max_batch_size=args.max_batch_size,
+        num_candidates=args.num_candidates,
+        likelihood_weight=args.likelihood_weight,
         generator=generators,
         show_progress=not args.no_progress,
     )

@@ -13,7 +13,8 @@ caption with probability --caption-dropout (classifier-free guidance). AdamW wit
 decay on norms, biases and embeddings, gradient clipping, warmup + cosine. metrics.jsonl gets
 the training loss and the validation loss in nats per image token; images/ gets a sample grid
 of fixed prompts (decoded with --image-tokenizer, else the code ids as colours). Exports:
-OUTPUT/final/prior and OUTPUT/final/text_tokenizer (save_pretrained folders).
+OUTPUT/final/prior and OUTPUT/final/text_tokenizer (save_pretrained folders), and
+OUTPUT/final/image_tokenizer_identity.json.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from common import validation as checks
 from common.code_features import matte_features, matte_groups, mean_decoded_patches
 from common.evaluation import image_token_loss
 from common.faults import fires, kill_point
+from common.help import HelpFormatter
 from common.images import codes_to_images, save_png, tensor_grid
 from common.optim import adamw
 from common.run_folder import RunFolder, make_accelerator
@@ -64,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         epilog=__doc__.split("\n\n", 1)[1],
-        formatter_class=loop.HelpFormatter,
+        formatter_class=HelpFormatter,
     )
     loop.add_common_arguments(parser, learning_rate=6e-3)
     add = parser.add_argument

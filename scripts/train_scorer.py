@@ -31,6 +31,7 @@ from common import curves, loop
 from common import validation as checks
 from common.data import load_image_splits, step_batches
 from common.faults import fires, kill_point
+from common.help import HelpFormatter
 from common.optim import adamw
 from common.run_folder import RunFolder, make_accelerator
 from common.sampler import record_indices
@@ -53,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         epilog=__doc__.split("\n\n", 1)[1],
-        formatter_class=loop.HelpFormatter,
+        formatter_class=HelpFormatter,
     )
     loop.add_common_arguments(parser, learning_rate=2e-3)
     add = parser.add_argument

@@ -33,6 +33,7 @@ from common.data import load_image_splits, step_batches
 from common.evaluation import reconstruction_metrics
 from common.faults import fires, kill_point
 from common.guards import StateSnapshot
+from common.help import HelpFormatter
 from common.images import save_png, tensor_grid
 from common.optim import adamw
 from common.run_folder import RunFolder, make_accelerator
@@ -77,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         epilog=__doc__.split("\n\n", 1)[1],
-        formatter_class=loop.HelpFormatter,
+        formatter_class=HelpFormatter,
     )
     loop.add_common_arguments(parser, learning_rate=1e-3)
     add_model_arguments(parser)
@@ -92,7 +93,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     # fmt: off
     add("--preset", default="cpu-tiny", help=f"VQGAN preset, one of {sorted(PRESETS)}")
     add("--ch", type=int, default=None, help="base channel width (default: the preset's)")
-    add("--ch-mult", type=_int_tuple, default=None, help="channel multipliers, e.g. 1,2,2")
+    add("--ch-mult", type=_int_tuple, default=None, help="channel multipliers, e.g. 1,2,2 (default: the preset's)")
     add("--mid-attention", action=optional, default=None,
         help="self-attention in the encoder and decoder mid blocks (taming always has it; "
         "default: the preset's)")
@@ -105,21 +106,21 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         help="'conv': taming's convolutional encoder (a code sees the whole image); 'patch': a "
         "per-patch MLP, so a code depends on its own f x f patch only (default: the preset's)")
     add("--quantizer", default=None, help="'vq' or 'fsq' (default: the preset's)")
-    add("--codebook-size", type=int, default=None, help="number of codes (vq)")
-    add("--codebook-dim", type=int, default=None, help="code vector size (vq; 8 = LlamaGen)")
-    add("--fsq-levels", type=_int_tuple, default=None, help="FSQ levels, e.g. 8,6,5")
+    add("--codebook-size", type=int, default=None, help="number of codes (vq) (default: the preset's)")
+    add("--codebook-dim", type=int, default=None, help="code vector size (vq; 8 = LlamaGen) (default: the preset's)")
+    add("--fsq-levels", type=_int_tuple, default=None, help="FSQ levels, e.g. 8,6,5 (default: the preset's)")
     add("--l2-normalize", action=optional, default=None,
         help="l2-normalised codebook lookup (ViT-VQGAN/LlamaGen; default: the preset's)")
     add("--restart", action=optional, default=None,
         help="restart dead codes from encoder outputs (default: the preset's)")
-    add("--restart-threshold", type=int, default=None, help="steps unused before a restart")
+    add("--restart-threshold", type=int, default=None, help="steps unused before a restart (default: the preset's)")
     add("--restart-from", choices=RESTART_SOURCES, default=None,
         help="restart dead codes from random encoder outputs or from those farthest from any "
         "code (default: the preset's)")
     add("--ema-codebook", action=optional, default=None,
         help="EMA codebook updates instead of the codebook loss")
     add("--beta", type=float, default=None, help="commitment weight (default 0.25)")
-    add("--entropy-weight", type=float, default=None, help="codebook entropy penalty weight")
+    add("--entropy-weight", type=float, default=None, help="codebook entropy penalty weight (default: the preset's)")
     add("--code-search-candidates", type=int, default=None,
         help="saved with the tokenizer: its encode (code extraction, evaluation) chooses each "
         "code among its R latent-nearest by the error of the decoded image, at about 4R "
@@ -168,7 +169,8 @@ def add_loss_arguments(parser: argparse.ArgumentParser) -> None:
     add("--disc-loss", default="hinge", help=f"one of {GAN_LOSSES}")
     add("--disc-layers", type=int, default=3, help="PatchGAN layers (resolution >= 3 * 2^N)")
     add("--disc-channels", type=int, default=64, help="PatchGAN base channels (taming's ndf)")
-    add("--disc-learning-rate", type=float, default=None, help="default: --learning-rate")
+    add("--disc-learning-rate", type=float, default=None, help="the discriminator's peak learning "
+        "rate (default: --learning-rate)")
     add("--lecam-weight", type=float, default=0.0, help="LeCam regulariser weight, e.g. 0.001")
     add("--adam-beta1", type=float, default=0.9, help="Adam beta1 (both optimizers)")
     add("--adam-beta2", type=float, default=0.95, help="Adam beta2 (LlamaGen's 0.95)")

@@ -101,6 +101,27 @@ def test_sample_writes_pngs_grid_and_index(pipeline_dir, tmp_path, capsys):
         )
 
 
+def test_sample_passes_the_rerank_flags(pipeline_dir, tmp_path):
+    """--num-candidates and --likelihood-weight reach the pipeline: the files are the images
+    of the same reranked call made in Python, and differ from one sample per image."""
+    out = tmp_path / "reranked"
+    argv = [PROMPTS[0], PROMPTS[1], "--pipeline", str(pipeline_dir), "--seed", "5"]
+    sample.main(sample.parse_args([*argv, "--out", str(out), "--num-candidates", "4",
+                                   "--likelihood-weight", "1", "--no-progress"]))  # fmt: skip
+    pipeline = TextToImagePipeline.from_pretrained(pipeline_dir)
+    generators = [torch.Generator().manual_seed(5 + index) for index in range(2)]
+    expected = pipeline(
+        [PROMPTS[0], PROMPTS[1]], num_candidates=4, likelihood_weight=1.0,
+        generator=generators, output_type="np", show_progress=False,
+    ).images  # fmt: skip
+    written = np.stack([image_pixels(out / f"p{index:03d}_00.png") for index in range(2)])
+    assert np.array_equal(written, (expected * 255).round().astype(np.uint8))
+    plain = tmp_path / "plain"
+    sample.main(sample.parse_args([*argv, "--out", str(plain), "--no-progress"]))
+    first = np.stack([image_pixels(plain / f"p{index:03d}_00.png") for index in range(2)])
+    assert not np.array_equal(first, written)
+
+
 def test_sample_without_prompts_fails(pipeline_dir, tmp_path):
     with pytest.raises(ValueError, match="no prompts"):
         sample.main(sample.parse_args(["--pipeline", str(pipeline_dir), "--out", str(tmp_path)]))

@@ -40,23 +40,12 @@ MIXED_PRECISION = ("no", "fp16", "bf16")
 REPORT_TO = ("tensorboard", "none")
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """--help keeps the module docstring's layout and shows each default that is set."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        unset = action.default is None or action.default is False  # (0 == False: use `is`)
-        if not unset and action.default != argparse.SUPPRESS and "%(default)" not in text:
-            text += " (default: %(default)s)"
-        return text
-
-
 def add_common_arguments(parser: argparse.ArgumentParser, learning_rate: float) -> None:
     """Flags shared by both training jobs (output, schedule, precision, checkpoints, ...)."""
     add = parser.add_argument
     # fmt: off
     add("--output-dir", type=Path, required=True, help="run folder: args.json, train.log, "
-        "metrics.jsonl, tensorboard/, checkpoints/, images/, best/ and final/ exports")
+        "metrics.jsonl, curves.png, tensorboard/, checkpoints/, images/, best/ and final/ exports")
     add("--seed", type=int, default=0, help="seed of weights, data order and augmentation")
     add("--batch-size", type=int, default=64, help="samples per process per micro-batch; the "
         "global batch is batch-size x processes x gradient-accumulation-steps")
