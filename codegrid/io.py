@@ -56,16 +56,29 @@ def atomic_directory(directory: str | os.PathLike) -> Iterator[Path]:
             if file.is_file():
                 fsync_path(file)
         fsync_path(tmp)
-        old = target.with_name(f"{target.name}.old-{os.getpid()}")
-        if target.exists():
-            os.replace(target, old)
-        os.replace(tmp, target)
-        fsync_path(target.parent)
-        if old.exists():
-            shutil.rmtree(old)
+        _swap_in(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _swap_in(tmp: Path, target: Path) -> None:
+    """Rename `tmp` over `target`; if that rename fails, the previous `target` is put back."""
+    old = target.with_name(f"{target.name}.old-{os.getpid()}")
+    parked = target.exists()
+    if parked:
+        os.replace(target, old)
+    try:
+        os.replace(tmp, target)
+    except BaseException:
+        # Without this the previous folder would stay parked under `.old-<pid>`, where no
+        # loader looks, and a failed write would have lost it.
+        if parked and not target.exists():
+            os.replace(old, target)
+        raise
+    fsync_path(target.parent)
+    if parked:
+        shutil.rmtree(old)
 
 
 def sha256_of_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
@@ -87,17 +100,28 @@ def _tuple_fields(cls: type) -> set[str]:
 
 
 def config_from_dict(cls: type[T], values: dict[str, Any], source: str = "config") -> T:
-    """Build dataclass `cls` from a dict, rejecting unknown fields by name.
+    """Build dataclass `cls` from a dict, rejecting unknown and missing fields by name.
 
     Lists become tuples for tuple-typed fields, so a config survives a JSON round trip.
     Keys starting with an underscore (such as `_class_name`) are metadata and ignored.
     """
-    allowed = {field.name for field in dataclasses.fields(cls)}
+    fields = [field for field in dataclasses.fields(cls) if field.init]
+    allowed = {field.name for field in fields}
     values = {key: value for key, value in values.items() if not key.startswith("_")}
     unknown = sorted(set(values) - allowed)
     if unknown:
         raise ValueError(
             f"{source}: unknown {cls.__name__} field(s) {unknown}; allowed fields are {sorted(allowed)}"
+        )
+    no_default = dataclasses.MISSING
+    required = {
+        f.name for f in fields if f.default is no_default and f.default_factory is no_default
+    }
+    missing = sorted(required - set(values))
+    if missing:
+        raise ValueError(
+            f"{source}: required {cls.__name__} field(s) {missing} are missing; add them "
+            f"(fields without a default: {sorted(required)})"
         )
     tuples = _tuple_fields(cls)
     values = {k: tuple(v) if k in tuples and isinstance(v, list) else v for k, v in values.items()}
@@ -161,13 +185,33 @@ def load_model_folder(
 def load_state_dict_strict(
     module: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str
 ) -> None:
-    """Load with every key checked; the error names the missing and unexpected keys."""
-    expected = set(module.state_dict())
-    missing, unexpected = sorted(expected - set(state_dict)), sorted(set(state_dict) - expected)
+    """Load with every key and shape checked.
+
+    Raises:
+        ValueError: naming the missing and unexpected keys, or each tensor whose shape differs
+            from the module's (with both shapes), and `source`.
+    """
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
     if missing or unexpected:
         raise ValueError(
             f"{source}: state_dict does not match {type(module).__name__}: "
-            f"missing keys {missing[:10]}{'...' if len(missing) > 10 else ''}, "
-            f"unexpected keys {unexpected[:10]}{'...' if len(unexpected) > 10 else ''}"
+            f"missing keys {_first_ten(missing)}, unexpected keys {_first_ten(unexpected)}"
+        )
+    mismatched = [
+        f"{key!r} has {tuple(value.shape)}, needs {tuple(expected[key].shape)}"
+        for key, value in sorted(state_dict.items())
+        if value.shape != expected[key].shape
+    ]
+    if mismatched:
+        raise ValueError(
+            f"{source}: tensor shapes do not match {type(module).__name__}: "
+            f"{'; '.join(mismatched[:10])}{'; ...' if len(mismatched) > 10 else ''} "
+            f"(the config does not describe these weights)"
         )
     module.load_state_dict(state_dict, strict=True)
+
+
+def _first_ten(items: list[str]) -> str:
+    return f"{items[:10]}{'...' if len(items) > 10 else ''}"

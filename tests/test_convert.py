@@ -195,9 +195,12 @@ def test_llamagen_preset_mismatch_is_named(llamagen):
 
 
 # -------------------------------------------------------------------------------- diffusers
-@pytest.mark.parametrize("legacy_attention_names", [False, True])
-def test_diffusers_parity(tmp_path, legacy_attention_names):
-    reference = tiny_vqmodel()
+@pytest.mark.parametrize(
+    ("legacy_attention_names", "mid_attention"), [(False, True), (True, True), (False, False)]
+)
+def test_diffusers_parity(tmp_path, legacy_attention_names, mid_attention):
+    """mid_attention=False is aMUSEd's layout (`mid_block_add_attention=False`)."""
+    reference = tiny_vqmodel(mid_block_add_attention=mid_attention)
     reference.save_pretrained(tmp_path / "vq")
     if legacy_attention_names:  # diffusers < 0.14 wrote query/key/value/proj_attn
         weights = tmp_path / "vq" / "diffusion_pytorch_model.safetensors"
@@ -208,6 +211,8 @@ def test_diffusers_parity(tmp_path, legacy_attention_names):
         save_file(tensors, str(weights))
     ours = convert_diffusers(tmp_path / "vq")
     assert ours.config.attn_resolutions == (16,) and ours.config.ch_mult == (1, 2)
+    assert ours.config.mid_attention is mid_attention
+    assert any(".mid.attn_1." in key for key in ours.state_dict()) is mid_attention
     encode = lambda images: diffusers_encode(reference, images)  # noqa: E731
     decode = lambda codes: diffusers_decode(reference, codes)  # noqa: E731
     assert_parity(ours, reference, encode, decode, random_images())
@@ -217,7 +222,6 @@ def test_diffusers_parity(tmp_path, legacy_attention_names):
     ("overrides", "message"),
     [
         ({"norm_type": "spatial"}, "norm_type='spatial'"),
-        ({"mid_block_add_attention": False}, "mid_block_add_attention"),
         ({"up_block_types": ("UpDecoderBlock2D", "UpDecoderBlock2D")}, "attention levels"),
         ({"norm_num_groups": 16}, "norm_num_groups=16"),
     ],

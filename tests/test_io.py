@@ -1,5 +1,6 @@
 import dataclasses
 import json
+import re
 
 import pytest
 import torch
@@ -64,3 +65,52 @@ def test_corrupt_weights_named(tmp_path):
     weights.write_bytes(weights.read_bytes()[:20])
     with pytest.raises(ValueError, match=r"model\.safetensors"):
         load_model_folder(tmp_path / "m", TinyConfig)
+
+
+def test_failed_final_rename_puts_previous_folder_back(tmp_path, monkeypatch):
+    import os
+
+    target = tmp_path / "m"
+    save_model_folder(target, TinyConfig(width=1), {"w": torch.ones(2)}, "X")
+    real_replace, calls = os.replace, []
+
+    def replace(src, dst):
+        calls.append((src, dst))
+        if len(calls) == 2:  # the first parks the old folder, the second moves the new one in
+            raise OSError("rename failed")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(OSError, match="rename failed"), atomic_directory(target) as tmp:
+        (tmp / "config.json").write_text(json.dumps({"width": 2}))
+    assert len(calls) == 3  # park, failed swap, restore
+    assert json.loads((target / "config.json").read_text())["width"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["m"]
+
+
+@dataclasses.dataclass
+class RequiredConfig:
+    resolution: int
+    name: str
+    width: int = 4
+
+
+@pytest.mark.parametrize(
+    ("values", "missing"),
+    [({"width": 2}, "['name', 'resolution']"), ({"resolution": 8}, "['name']")],
+)
+def test_missing_required_field_is_named(values, missing):
+    with pytest.raises(
+        ValueError, match=re.escape(f"src.json: required RequiredConfig field(s) {missing}")
+    ):
+        config_from_dict(RequiredConfig, values, source="src.json")
+
+
+def test_strict_load_names_shape_mismatch():
+    state = torch.nn.Linear(4, 3).state_dict()
+    expected = (
+        "src: tensor shapes do not match Linear: 'bias' has (3,), needs (2,); "
+        "'weight' has (3, 4), needs (2, 4)"
+    )
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        load_state_dict_strict(torch.nn.Linear(4, 2), state, "src")

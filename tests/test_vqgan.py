@@ -448,6 +448,14 @@ def test_config_json_round_trip_and_fsq_derivation():
         ({"quantizer": "fsq", "fsq_levels": (4, 4), "codebook_size": 10}, "codebook_size=10"),
         ({"quantizer": "fsq", "fsq_levels": (4, 1)}, "fsq_levels"),
         ({"quantizer": "fsq", "fsq_levels": (4, 4), "ema": True}, "ema=True"),
+        # floats and bools pass the range checks but are not sizes
+        ({"codebook_size": 1024.0}, r"codebook_size=1024\.0 .*integer"),
+        ({"codebook_dim": 8.0}, r"codebook_dim=8\.0 .*integer"),
+        ({"resolution": 32.0}, r"resolution=32\.0 .*integer multiple"),
+        ({"restart_threshold": 20.0}, r"restart_threshold=20\.0 .*integer"),
+        ({"z_channels": True}, r"z_channels=True .*integer"),
+        ({"attn_resolutions": (8.0,)}, r"attn_resolutions=\(8\.0,\)"),
+        ({"quantizer": "fsq", "fsq_levels": (4.0, 4)}, r"fsq_levels=\(4\.0, 4\) .*integers"),
     ],
 )
 def test_config_validation_names_field_and_allowed_values(overrides, message):
@@ -458,6 +466,13 @@ def test_config_validation_names_field_and_allowed_values(overrides, message):
 def test_unknown_preset():
     with pytest.raises(ValueError, match=r"unknown VQGAN preset 'nope'.*cpu-tiny"):
         VQGANConfig.from_preset("nope")
+
+
+def test_misspelt_preset_override_lists_valid_fields():
+    with pytest.raises(
+        ValueError, match=r"unknown field\(s\) \['codebok_size'\]; valid .*'codebook_size'"
+    ):
+        VQGANConfig.from_preset("cpu-tiny", codebok_size=64)
 
 
 def test_attention_block_runs_on_the_fused_kernel():

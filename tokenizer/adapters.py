@@ -31,7 +31,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from tokenizer.convert_common import read_safetensors_folder, select_prefix
+from codegrid.io import load_state_dict_strict
+from tokenizer.convert_common import read_json_object, read_safetensors_folder, select_prefix
 
 NOT_SERIALISABLE = (
     "adapters wrap a live model and cannot be saved in our format; convert it with "
@@ -47,6 +48,7 @@ _VOLATILE_CONFIG_KEYS = (
 )
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # HF OPENAI_CLIP_MEAN, Emu3's processor default
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+_VQ_PREFIX = "model.vqmodel."  # where a full Chameleon / Emu3 checkpoint keeps the VQ
 
 
 def flat_codes_to_grid(codes: torch.Tensor, batch: int, height: int, width: int) -> torch.Tensor:
@@ -65,7 +67,8 @@ def module_sha256(module: nn.Module) -> str:
     for key, tensor in sorted(module.state_dict().items()):
         tensor = tensor.detach().cpu().contiguous()
         digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+        raw = tensor.reshape(-1).view(torch.uint8)  # (N,) -> (N * itemsize,) bytes
+        digest.update(raw.numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -91,8 +94,13 @@ class ExternalTokenizerAdapter(nn.Module):
         self.resolution = int(resolution)
         self.latent_shape(self.resolution, self.resolution)
         self.image_mean, self.image_std = tuple(image_mean), tuple(image_std)
-        self.register_buffer("_mean", torch.tensor(image_mean).view(1, -1, 1, 1), persistent=False)
-        self.register_buffer("_std", torch.tensor(image_std).view(1, -1, 1, 1), persistent=False)
+        # On the wrapped model's device, so a model wrapped after `.cuda()` needs no `.to()`;
+        # as buffers they then follow the adapter's own `.to()` too.
+        device = next(model.parameters()).device
+        mean = torch.tensor(image_mean, device=device).view(1, -1, 1, 1)  # (C,) -> (1, C, 1, 1)
+        std = torch.tensor(image_std, device=device).view(1, -1, 1, 1)  # (C,) -> (1, C, 1, 1)
+        self.register_buffer("_mean", mean, persistent=False)
+        self.register_buffer("_std", std, persistent=False)
 
     def latent_shape(self, height: int, width: int) -> tuple[int, int]:
         """Code grid (h, w) for images of (height, width); both must divide by the factor."""
@@ -108,6 +116,11 @@ class ExternalTokenizerAdapter(nn.Module):
     def _model_dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
 
+    def _normalisation(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        # fp32 on the pixels' device: the wrapped model may have been moved without the
+        # adapter, and a bf16 adapter would otherwise round the statistics.
+        return self._mean.to(device, torch.float32), self._std.to(device, torch.float32)
+
     def to_model_pixels(self, images: torch.Tensor) -> torch.Tensor:
         """Our [-1, 1] images -> the model's normalisation ((x01 - mean) / std), model dtype."""
         if images.ndim != 4 or images.shape[1] != self._mean.shape[1]:
@@ -115,12 +128,14 @@ class ExternalTokenizerAdapter(nn.Module):
                 f"images must be (B, {self._mean.shape[1]}, H, W); got {tuple(images.shape)}"
             )
         self.latent_shape(images.shape[2], images.shape[3])
-        pixels = ((images.float() + 1) / 2 - self._mean) / self._std
+        mean, std = self._normalisation(images.device)
+        pixels = ((images.float() + 1) / 2 - mean) / std
         return pixels.to(self._model_dtype())
 
     def from_model_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
-        """The model's normalised output -> our [-1, 1] (clamped), fp32."""
-        return ((pixels.float() * self._std + self._mean) * 2 - 1).clamp(-1.0, 1.0)
+        """The model's normalised output (B, C, H, W) -> our [-1, 1] (clamped), fp32."""
+        mean, std = self._normalisation(pixels.device)
+        return ((pixels.float() * std + mean) * 2 - 1).clamp(-1.0, 1.0)
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
@@ -132,10 +147,15 @@ class ExternalTokenizerAdapter(nn.Module):
     @torch.no_grad()
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """Codes (B, h, w) in [0, codebook_size) -> images (B, 3, h*f, w*f) in [-1, 1]."""
-        if codes.ndim != 3 or codes.is_floating_point():
-            raise ValueError(f"codes must be an integer tensor (B, h, w); got {tuple(codes.shape)}")
+        if codes.ndim != 3 or codes.is_floating_point() or codes.dtype == torch.bool:
+            raise ValueError(
+                f"codes must be an integer tensor (B, h, w); got {codes.dtype} {tuple(codes.shape)}"
+            )
         if codes.numel() and (codes.min() < 0 or codes.max() >= self.codebook_size):
-            raise ValueError(f"codes must lie in [0, {self.codebook_size})")
+            raise ValueError(
+                f"codes must lie in [0, {self.codebook_size}); got min {codes.min().item()} "
+                f"max {codes.max().item()} (were they made with another tokenizer?)"
+            )
         return self.from_model_pixels(self._decode_model(codes.long()))
 
     def _encode_model(self, pixels: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -280,7 +300,8 @@ class DiffusersVQAdapter(ExternalTokenizerAdapter):
         embed_dim = self.model.quantize.vq_embed_dim
         shape = (*codes.shape, embed_dim)  # (B, h, w, D)
         if self.model.config.lookup_from_codebook:  # decode() does the lookup itself
-            return self.model.decode(codes.reshape(-1), force_not_quantize=True, shape=shape).sample
+            flat = codes.reshape(-1)  # (B, h, w) -> (B*h*w,)
+            return self.model.decode(flat, force_not_quantize=True, shape=shape).sample
         quantized = self.model.quantize.get_codebook_entry(codes.reshape(-1), shape)  # (B, D, h, w)
         return self.model.decode(quantized, force_not_quantize=True).sample
 
@@ -303,7 +324,12 @@ def load_hf_vq(
 
     A full multimodal folder (config `model_type == composite`) stores the VQ as
     `model.vqmodel.*`; transformers' own `from_pretrained` would then silently keep a random
-    init, so the weights are read and loaded here with `strict=True`.
+    init, so the weights are read and loaded here with every key and shape checked.
+
+    Raises:
+        FileNotFoundError: the folder has no config.json or no *.safetensors weights.
+        ValueError: config.json is not a JSON object, a full folder has no `model.vqmodel.*`
+            weights, or the weights do not match the config (naming the keys).
     """
     folder = Path(source)
     if not folder.exists():  # a Hub id: the only case that touches the network
@@ -311,15 +337,25 @@ def load_hf_vq(
 
         patterns = ["config.json", "*.safetensors", "*.safetensors.index.json"]
         folder = Path(snapshot_download(str(source), allow_patterns=patterns))
-    values = json.loads((folder / "config.json").read_text())
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(
+            f"source={str(folder)!r} has no config.json; pass a folder written by "
+            f"{model_cls.__name__}.save_pretrained or a full {composite} model folder"
+        )
+    values = read_json_object(config_file)
     if values.get("model_type") == composite:
         config = config_cls(**(values.get("vq_config") or {}))
-        state_dict = select_prefix(
-            read_safetensors_folder(folder, "model.vqmodel."), "model.vqmodel."
-        )
+        state_dict = select_prefix(read_safetensors_folder(folder, _VQ_PREFIX), _VQ_PREFIX)
+        if state_dict is None:
+            raise ValueError(
+                f"source={str(folder)!r} is a full {composite} folder (model_type={composite!r}) "
+                f"but no weight key starts with {_VQ_PREFIX!r}; pass the folder that holds the "
+                "VQ weights, or a VQ-only folder"
+            )
     else:
         config = config_cls.from_pretrained(folder, local_files_only=True)
         state_dict = read_safetensors_folder(folder)
     model = model_cls(config)
-    model.load_state_dict(state_dict or {}, strict=True)
+    load_state_dict_strict(model, state_dict, source=f"{model_cls.__name__} from {folder}")
     return model.eval()

@@ -11,10 +11,13 @@ inert class that only stores attributes, for the duration of one load. Anything 
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
+import struct
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -81,7 +84,18 @@ def _unsafe_globals(file: Path) -> list[str]:
     runs: torch reads the opcodes with pickletools)."""
     try:
         found = torch.serialization.get_unsafe_globals_in_checkpoint(file)
-    except Exception:  # the scan only names globals for the message; the refusal stands
+    # What torch's opcode scan raises on a non-zip, truncated or garbled file (ValueError,
+    # the zip reader's RuntimeError, short reads); it only names globals for the message,
+    # and the refusal stands without them.
+    except (
+        ValueError,
+        RuntimeError,
+        OSError,
+        EOFError,
+        IndexError,
+        struct.error,
+        pickle.UnpicklingError,
+    ):
         return []
     return [name for name in found if name not in STUB_GLOBALS]
 
@@ -198,6 +212,33 @@ def load_renamed(
 def _preview(keys: list[str], limit: int = 12) -> str:
     shown = ", ".join(repr(key) for key in keys[:limit])
     return f"[{shown}{', ...' if len(keys) > limit else ''}]" if keys else "[]"
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """The JSON object in `path` (which must exist).
+
+    Raises:
+        ValueError: naming the file when it is not valid JSON or not an object.
+    """
+    try:
+        values = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON ({error}); restore or re-save it") from error
+    if not isinstance(values, dict):
+        raise ValueError(f"{path} holds a JSON {type(values).__name__}, expected an object")
+    return values
+
+
+def required(values: Mapping[str, Any], field: str, source: str, parent: str = "") -> Any:
+    """`values[field]`, or a ValueError naming the source file and the missing key (as
+    `parent.field` when `values` is nested under `parent`)."""
+    if field not in values:
+        name = f"{parent}.{field}" if parent else field
+        raise ValueError(
+            f"{source}: required key {name!r} is missing (present: {sorted(values)[:20]}); "
+            "the file is truncated or not of the expected model"
+        )
+    return values[field]
 
 
 def check_supported(source: str, field: str, value: object, allowed: object, why: str) -> None:

@@ -11,14 +11,15 @@ convert_vq_diffusion_to_diffusers.py give the renaming):
     attention group_norm, to_q, to_k, to_v, to_out.0 -> norm, q, k, v, proj_out (linear -> 1x1 conv)
     conv_norm_out -> norm_out
 
-Refused with a clear error: MoVQ (`norm_type="spatial"`, Kandinsky), no mid-block attention
-(`mid_block_add_attention=False`, aMUSEd), activations other than SiLU, GroupNorm group counts that
-differ from ours, and attention levels that differ between encoder and decoder.
+`mid_block_add_attention=False` (aMUSEd's layout) becomes `mid_attention=False`.
+
+Refused with a clear error: MoVQ (`norm_type="spatial"`, Kandinsky), activations other than SiLU,
+GroupNorm group counts that differ from ours, and attention levels that differ between encoder and
+decoder.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -33,7 +34,9 @@ from tokenizer.convert_common import (
     check_supported,
     load_pickled_checkpoint,
     load_renamed,
+    read_json_object,
     rename_keys,
+    required,
 )
 from tokenizer.modules import NORM_GROUPS
 from tokenizer.vqgan import VQGAN, VQGANConfig
@@ -68,7 +71,7 @@ def read_diffusers_folder(folder: str | os.PathLike) -> tuple[dict, dict[str, to
             f"SRC={str(path)!r} has no config.json; pass a folder written "
             "by diffusers VQModel.save_pretrained"
         )
-    config = json.loads(config_file.read_text())
+    config = read_json_object(config_file)
     weights = [path / name for name in WEIGHT_FILES if (path / name).is_file()]
     if not weights:
         raise FileNotFoundError(
@@ -104,21 +107,13 @@ def _check_supported_options(values: Mapping[str, Any], source: str) -> None:
     )
     check_supported(
         source,
-        "mid_block_add_attention",
-        values.get("mid_block_add_attention", True),
-        True,
-        "our VQGAN always has mid-block attention (taming layout); use "
-        "tokenizer.adapters.DiffusersVQAdapter for this model",
-    )
-    check_supported(
-        source,
         "act_fn",
         values.get("act_fn", "silu"),
         "silu",
         "our blocks use SiLU (swish) as taming does",
     )
     groups = int(values.get("norm_num_groups", 32))
-    for channels in values["block_out_channels"]:
+    for channels in required(values, "block_out_channels", source):
         if math.gcd(NORM_GROUPS, channels) != groups:
             raise ValueError(
                 f"{source}: norm_num_groups={groups} with {channels} channels differs from our "
@@ -132,11 +127,14 @@ def diffusers_config(values: Mapping[str, Any], source: str = "config") -> VQGAN
     if values.get("_class_name", "VQModel") != "VQModel":
         raise ValueError(f"{source}: _class_name={values['_class_name']!r}, expected 'VQModel'")
     _check_supported_options(values, source)
-    widths = [int(c) for c in values["block_out_channels"]]
+    widths = [int(c) for c in required(values, "block_out_channels", source)]
     if any(width % widths[0] for width in widths):
         raise ValueError(f"{source}: block_out_channels={widths} are not multiples of the first")
-    down = _attention_levels(values["down_block_types"], source, "down_block_types")
-    up = _attention_levels(values["up_block_types"], source, "up_block_types")[::-1]
+    down, up = (
+        _attention_levels(required(values, field, source), source, field)
+        for field in ("down_block_types", "up_block_types")
+    )
+    up = up[::-1]
     if down != up or len(down) != len(widths):
         raise ValueError(
             f"{source}: attention levels differ between down_block_types and "
@@ -144,17 +142,18 @@ def diffusers_config(values: Mapping[str, Any], source: str = "config") -> VQGAN
         )
     size = values.get("sample_size", 32)
     resolution = int(size[0] if isinstance(size, list | tuple) else size)
-    latent = int(values["latent_channels"])
+    latent = int(required(values, "latent_channels", source))
     return VQGANConfig(
         resolution=resolution,
         in_channels=int(values.get("in_channels", 3)),
         out_channels=int(values.get("out_channels", 3)),
         ch=widths[0],
         ch_mult=tuple(width // widths[0] for width in widths),
-        num_res_blocks=int(values["layers_per_block"]),
+        num_res_blocks=int(required(values, "layers_per_block", source)),
         attn_resolutions=tuple(resolution // 2**i for i, attn in enumerate(down) if attn),
+        mid_attention=bool(values.get("mid_block_add_attention", True)),
         z_channels=latent,
-        codebook_size=int(values["num_vq_embeddings"]),
+        codebook_size=int(required(values, "num_vq_embeddings", source)),
         codebook_dim=int(values.get("vq_embed_dim") or latent),
         l2_normalize=False,
         restart_dead_codes=False,

@@ -25,7 +25,12 @@ from pathlib import Path
 
 import torch
 
-from tokenizer.convert_common import load_pickled_checkpoint, load_renamed, rename_keys
+from tokenizer.convert_common import (
+    load_pickled_checkpoint,
+    load_renamed,
+    rename_keys,
+    required,
+)
 from tokenizer.vqgan import PRESETS, VQGAN, VQGANConfig
 
 # LlamaGen's names for its two tokenizers (vq_model.py `VQ_models`): only ch_mult differs.
@@ -46,20 +51,22 @@ def _level_keys(state_dict: Mapping[str, torch.Tensor], part: str) -> dict[int, 
 
 
 def infer_llamagen_config(
-    state_dict: Mapping[str, torch.Tensor], resolution: int = 256
+    state_dict: Mapping[str, torch.Tensor],
+    resolution: int = 256,
+    source: str = "LlamaGen state_dict",
 ) -> VQGANConfig:
     """Read the architecture off the weight shapes (LlamaGen files carry no config).
 
     `resolution` only places attention (at the lowest level, as LlamaGen hard-codes) and is the
     size recorded in the config; the network itself is fully convolutional.
+
+    Raises:
+        ValueError: naming `source` and the first missing key of a LlamaGen VQ state_dict.
     """
-    try:
-        conv_in = state_dict["encoder.conv_in.weight"]  # (ch, in_channels, 3, 3)
-        quant_conv = state_dict["quant_conv.weight"]  # (codebook_dim, z_channels, 1, 1)
-        codebook = state_dict["quantize.embedding.weight"]  # (codebook_size, codebook_dim)
-        out_channels = state_dict["decoder.conv_out.weight"].shape[0]
-    except KeyError as error:
-        raise ValueError(f"not a LlamaGen VQ state_dict: key {error} is missing") from error
+    conv_in = required(state_dict, "encoder.conv_in.weight", source)  # (ch, in_channels, 3, 3)
+    quant_conv = required(state_dict, "quant_conv.weight", source)  # (codebook_dim, z_ch, 1, 1)
+    codebook = required(state_dict, "quantize.embedding.weight", source)  # (K, codebook_dim)
+    out_channels = required(state_dict, "decoder.conv_out.weight", source).shape[0]
     ch, levels = conv_in.shape[0], _level_keys(state_dict, "encoder")
     num_res_blocks = len(
         {
@@ -68,10 +75,8 @@ def infer_llamagen_config(
             if k.startswith("encoder.conv_blocks.0.res.") and k.endswith(".conv1.weight")
         }
     )
-    ch_mult = tuple(
-        state_dict[f"encoder.conv_blocks.{level}.res.0.conv1.weight"].shape[0] // ch
-        for level in sorted(levels)
-    )
+    first_convs = [f"encoder.conv_blocks.{level}.res.0.conv1.weight" for level in sorted(levels)]
+    ch_mult = tuple(required(state_dict, key, source).shape[0] // ch for key in first_convs)
     sides = [resolution // 2**level for level in range(len(ch_mult))]
     return VQGANConfig(
         resolution=resolution,
@@ -120,11 +125,14 @@ def llamagen_key_mapper(num_levels: int):
 
 
 def resolve_llamagen_config(
-    config: VQGANConfig | str | None, state_dict: Mapping[str, torch.Tensor], resolution: int
+    config: VQGANConfig | str | None,
+    state_dict: Mapping[str, torch.Tensor],
+    resolution: int,
+    source: str = "LlamaGen state_dict",
 ) -> VQGANConfig:
     """Inferred config, checked against a LlamaGen model name ("VQ-16", "VQ-8"), one of our
     PRESETS, or an explicit VQGANConfig when one is given."""
-    inferred = infer_llamagen_config(state_dict, resolution)
+    inferred = infer_llamagen_config(state_dict, resolution, source)
     if config is None:
         return inferred
     if isinstance(config, str):
@@ -175,7 +183,7 @@ def convert_llamagen(
             f"{source}: no {checkpoint_key!r} entry (top-level keys "
             f"{sorted(checkpoint)}); pass checkpoint_key='model' or 'ema'"
         )
-    config = resolve_llamagen_config(config, state_dict, resolution)
+    config = resolve_llamagen_config(config, state_dict, resolution, source)
     renamed = rename_keys(
         state_dict,
         llamagen_key_mapper(len(config.ch_mult)),

@@ -26,6 +26,7 @@ from tokenizer.convert_common import (
     load_pickled_checkpoint,
     load_renamed,
     rename_keys,
+    required,
     select_prefix,
 )
 from tokenizer.vqgan import VQGAN, VQGANConfig
@@ -98,21 +99,25 @@ def taming_config(values: Mapping, source: str = "config") -> tuple[VQGANConfig,
         True,
         "our up/downsamplers are convolutions",
     )
-    resolution, ch_mult = int(dd["resolution"]), tuple(int(m) for m in dd["ch_mult"])
+    sizes = ("resolution", "in_channels", "out_ch", "ch", "num_res_blocks", "z_channels")
+    dd_int = {name: int(required(dd, name, source, "ddconfig")) for name in sizes}
+    resolution = dd_int["resolution"]
+    ch_mult = tuple(int(m) for m in required(dd, "ch_mult", source, "ddconfig"))
     levels = {resolution // 2**level for level in range(len(ch_mult))}
+    attn_resolutions = required(dd, "attn_resolutions", source, "ddconfig")
     config = VQGANConfig(
         resolution=resolution,
-        in_channels=int(dd["in_channels"]),
-        out_channels=int(dd["out_ch"]),
-        ch=int(dd["ch"]),
+        in_channels=dd_int["in_channels"],
+        out_channels=dd_int["out_ch"],
+        ch=dd_int["ch"],
         ch_mult=ch_mult,
-        num_res_blocks=int(dd["num_res_blocks"]),
+        num_res_blocks=dd_int["num_res_blocks"],
         # taming adds attention where a level's side is listed; other values never match.
-        attn_resolutions=tuple(sorted(int(r) for r in dd["attn_resolutions"] if r in levels)),
-        z_channels=int(dd["z_channels"]),
+        attn_resolutions=tuple(sorted(int(r) for r in attn_resolutions if r in levels)),
+        z_channels=dd_int["z_channels"],
         dropout=float(dd.get("dropout", 0.0)),
-        codebook_size=int(params["n_embed"]),
-        codebook_dim=int(params["embed_dim"]),
+        codebook_size=int(required(params, "n_embed", source, "params")),
+        codebook_dim=int(required(params, "embed_dim", source, "params")),
         l2_normalize=False,
         restart_dead_codes=False,
     )

@@ -45,8 +45,11 @@ def edge_weights(images: torch.Tensor, strength: float) -> torch.Tensor:
 def reconstruction_loss(
     images: torch.Tensor, reconstruction: torch.Tensor, kind: str = "l1", edge_weight: float = 0.0
 ):
-    """Mean absolute ("l1", taming) or squared ("l2", LlamaGen) error; returns a scalar. With
-    `edge_weight` > 0 each pixel's error is weighted by `edge_weights(images, edge_weight)`."""
+    """Mean absolute ("l1", taming) or squared ("l2", LlamaGen) error; returns a scalar >= 0.
+
+    `images` and `reconstruction` are (B, C, H, W), about [-1, 1] (the reconstruction is not
+    clamped). With `edge_weight` > 0 each pixel's error is weighted by
+    `edge_weights(images, edge_weight)`, whose mean is 1, so the loss stays on the same scale."""
     if kind not in ("l1", "l2"):
         raise ValueError(f"reconstruction kind={kind!r} is invalid; allowed: ('l1', 'l2')")
     if edge_weight < 0:
@@ -207,7 +210,11 @@ def adaptive_weight(nll_loss, g_loss, last_layer, disc_weight: float = 1.0) -> t
     """taming's lambda = ||grad nll|| / (||grad g|| + 1e-4), clamped to [0, 1e4], times
     disc_weight; gradients taken at `last_layer` (the decoder's conv_out weight). Detached."""
     if not torch.is_grad_enabled():
-        raise RuntimeError("adaptive_weight needs autograd; call it outside torch.no_grad()")
+        # A caller error, not a failed computation: nothing can be differentiated here.
+        raise ValueError(
+            "adaptive_weight needs autograd but gradients are disabled; call it outside "
+            "torch.no_grad() / torch.inference_mode(), or skip it in validation (weight 0)"
+        )
     nll_grad = torch.autograd.grad(nll_loss, last_layer, retain_graph=True)[0]
     g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
     weight = nll_grad.float().norm() / (g_grad.float().norm() + 1e-4)
@@ -228,6 +235,8 @@ class LeCamEMA(nn.Module):
 
     @torch.no_grad()
     def update(self, logits_real: torch.Tensor, logits_fake: torch.Tensor) -> None:
+        """Fold the mean of D's logits on real and fake images (any shapes, unbounded) into
+        the EMAs; every rank must call it under DDP (all_reduce)."""
         means = torch.stack([logits_real.float().mean(), logits_fake.float().mean()])
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(means)
@@ -238,6 +247,8 @@ class LeCamEMA(nn.Module):
         self.num_updates += 1
 
     def forward(self, logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
+        """LeCam regulariser, an fp32 scalar >= 0, for D's logits on real and fake images (any
+        shapes, unbounded) against the current EMAs (see `update`); differentiable in the logits."""
         return (
             F.relu(logits_real.float() - self.fake_ema).pow(2).mean()
             + F.relu(self.real_ema - logits_fake.float()).pow(2).mean()

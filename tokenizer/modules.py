@@ -47,7 +47,8 @@ class ChannelNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         channels = x.shape[1]
-        h = F.layer_norm(x.permute(0, 2, 3, 1), (channels,), self.weight, self.bias, self.eps)
+        h = x.permute(0, 2, 3, 1)  # (B, C, H, W) -> (B, H, W, C)
+        h = F.layer_norm(h, (channels,), self.weight, self.bias, self.eps)
         return h.permute(0, 3, 1, 2)  # (B, H, W, C) -> (B, C, H, W)
 
 

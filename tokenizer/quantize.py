@@ -219,7 +219,8 @@ class VectorQuantizer(_CodeUsage):
         if restarted is not None:
             stats["restarted_codes"] = restarted
         quantized = quantized.view(batch, height, width, -1).permute(0, 3, 1, 2)  # (B, D, h, w)
-        return QuantizerOutput(quantized, loss, indices.view(batch, height, width), stats)
+        indices = indices.view(batch, height, width)  # (B*h*w,) -> (B, h, w)
+        return QuantizerOutput(quantized, loss, indices, stats)
 
     @torch.no_grad()
     def _update_state(self, indices: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
@@ -321,7 +322,8 @@ class FSQ(_CodeUsage):
             rounded = bounded + (torch.round(bounded) - bounded).detach()  # straight-through
             quantized = rounded / (self.levels // 2).float()
         indices = self._digits_to_indices(rounded.detach())  # (B, h, w)
-        counts = torch.bincount(indices.flatten(), minlength=self.codebook_size)
+        flat = indices.flatten()  # (B, h, w) -> (B*h*w,)
+        counts = torch.bincount(flat, minlength=self.codebook_size)  # (K,)
         if self.training and _distributed():
             dist.all_reduce(counts)
         self.usage_counts += counts

@@ -33,6 +33,16 @@ def _invalid(field: str, value: object, allowed: str) -> ValueError:
     return ValueError(f"VQGANConfig.{field}={value!r} is invalid; allowed: {allowed}")
 
 
+def _is_int(value: object, minimum: int) -> bool:
+    # bool is an int subclass, and a float such as 1024.0 passes the range checks but fails
+    # later inside nn.Embedding or a conv with an error that names no field.
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def _is_int_tuple(values: tuple, minimum: int) -> bool:
+    return all(_is_int(value, minimum) for value in values)
+
+
 @dataclass(frozen=True)
 class VQGANConfig:
     """Architecture and quantizer settings. Field names follow taming's `ddconfig` (`ch`,
@@ -103,20 +113,17 @@ class VQGANConfig:
 
     def _validate_architecture(self) -> None:
         for name in ("in_channels", "out_channels", "ch", "z_channels", "num_res_blocks"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+            if not _is_int(getattr(self, name), 1):
                 raise _invalid(name, getattr(self, name), "an integer >= 1")
-        if not self.ch_mult or any(not isinstance(m, int) or m < 1 for m in self.ch_mult):
+        if not self.ch_mult or not _is_int_tuple(self.ch_mult, 1):
             raise _invalid("ch_mult", self.ch_mult, "a non-empty tuple of integers >= 1")
         factor = self.downsample_factor
-        if self.resolution < factor or self.resolution % factor:
-            raise _invalid(
-                "resolution",
-                self.resolution,
-                f"a positive multiple of the downsample factor {factor} (2 ** (len(ch_mult) - 1))",
-            )
+        if not _is_int(self.resolution, factor) or self.resolution % factor:
+            allowed = f"a positive integer multiple of the downsample factor {factor}"
+            raise _invalid("resolution", self.resolution, f"{allowed} (2 ** (len(ch_mult) - 1))")
         levels = self.level_resolutions()
         unknown = [r for r in self.attn_resolutions if r not in levels]
-        if unknown:
+        if unknown or not _is_int_tuple(self.attn_resolutions, 1):
             raise _invalid("attn_resolutions", self.attn_resolutions, f"values from {levels}")
         if not 0.0 <= self.dropout < 1.0:
             raise _invalid("dropout", self.dropout, "0 <= dropout < 1")
@@ -132,20 +139,20 @@ class VQGANConfig:
             self._validate_fsq()
         elif self.fsq_levels:
             raise _invalid("fsq_levels", self.fsq_levels, "() unless quantizer='fsq'")
-        if self.codebook_size < 2:
+        if not _is_int(self.codebook_size, 2):
             raise _invalid("codebook_size", self.codebook_size, "an integer >= 2")
-        if self.codebook_dim < 1:
+        if not _is_int(self.codebook_dim, 1):
             raise _invalid("codebook_dim", self.codebook_dim, "an integer >= 1")
         checks = {
             "beta": (self.beta >= 0, ">= 0"),
             "ema_decay": (0 < self.ema_decay < 1, "0 < ema_decay < 1"),
-            "restart_threshold": (self.restart_threshold >= 1, "an integer >= 1"),
+            "restart_threshold": (_is_int(self.restart_threshold, 1), "an integer >= 1"),
             "restart_from": (self.restart_from in RESTART_SOURCES, f"one of {RESTART_SOURCES}"),
             "entropy_weight": (self.entropy_weight >= 0, ">= 0"),
             "entropy_temperature": (self.entropy_temperature > 0, "> 0"),
             "code_search_candidates": (
-                isinstance(self.code_search_candidates, int)
-                and 1 <= self.code_search_candidates <= self.codebook_size,
+                _is_int(self.code_search_candidates, 1)
+                and self.code_search_candidates <= self.codebook_size,
                 f"an integer from 1 to codebook_size={self.codebook_size}",
             ),
             "code_search_threshold": (self.code_search_threshold >= 0, ">= 0"),
@@ -155,7 +162,7 @@ class VQGANConfig:
                 raise _invalid(name, getattr(self, name), allowed)
 
     def _validate_fsq(self) -> None:
-        if not self.fsq_levels or any(level < 2 for level in self.fsq_levels):
+        if not self.fsq_levels or not _is_int_tuple(self.fsq_levels, 2):
             raise _invalid("fsq_levels", self.fsq_levels, "a non-empty tuple of integers >= 2")
         size, dim = math.prod(self.fsq_levels), len(self.fsq_levels)
         if self.codebook_size != size:
@@ -174,9 +181,20 @@ class VQGANConfig:
         """A preset from PRESETS with fields replaced by `overrides` (validated).
 
         Switching to quantizer="fsq" fills codebook_size and codebook_dim from fsq_levels and
-        turns the VQ-only options off unless they are given explicitly."""
+        turns the VQ-only options off unless they are given explicitly.
+
+        Raises:
+            ValueError: an unknown preset, an override that is no VQGANConfig field (the
+                message lists the valid ones), or an invalid value."""
         if name not in PRESETS:
             raise ValueError(f"unknown VQGAN preset {name!r}; allowed: {sorted(PRESETS)}")
+        fields = sorted(field.name for field in dataclasses.fields(cls))
+        unknown = sorted(set(overrides) - set(fields))
+        if unknown:
+            raise ValueError(
+                f"VQGANConfig.from_preset({name!r}): unknown field(s) {unknown}; valid fields "
+                f"are {fields}"
+            )
         base = PRESETS[name]
         if overrides.get("quantizer", base.quantizer) == "fsq":
             levels = tuple(overrides.get("fsq_levels", base.fsq_levels))  # type: ignore[arg-type]
@@ -401,6 +419,8 @@ class VQGAN(nn.Module):
         return self.quantize.codebook_usage(all_reduce=all_reduce)
 
     def reset_codebook_usage(self) -> None:
+        """Zero the usage histogram that `codebook_usage` reports (e.g. before an evaluation);
+        training state (EMA, dead-code counters) is kept."""
         self.quantize.reset_codebook_usage()
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
@@ -437,7 +457,8 @@ class VQGAN(nn.Module):
         for key, tensor in sorted(self.state_dict().items()):
             tensor = tensor.detach().cpu().contiguous()
             digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+            raw = tensor.reshape(-1).view(torch.uint8)  # (N,) -> (N * itemsize,) bytes
+            digest.update(raw.numpy().tobytes())
         resolution = self.config.resolution
         return {
             "class": type(self).__name__,
