@@ -99,6 +99,17 @@ def _tuple_fields(cls: type) -> set[str]:
     }
 
 
+def check_field_names(cls: type, names: Any, source: str) -> None:
+    """ValueError naming each of `names` that is no init field of dataclass `cls`, and the
+    fields that are (for overrides and updates passed as keyword arguments)."""
+    allowed = sorted(field.name for field in dataclasses.fields(cls) if field.init)
+    unknown = sorted(set(names) - set(allowed))
+    if unknown:
+        raise ValueError(
+            f"{source}: unknown {cls.__name__} field(s) {unknown}; allowed fields are {allowed}"
+        )
+
+
 def config_from_dict(cls: type[T], values: dict[str, Any], source: str = "config") -> T:
     """Build dataclass `cls` from a dict, rejecting unknown and missing fields by name.
 

@@ -80,7 +80,7 @@ class ImageTextScorer(nn.Module):
             layers += [nn.Conv2d(previous, channels, 3, stride, padding=1), nn.GELU()]
             previous = channels
         grid = config.pooled_grid
-        layers += [nn.AdaptiveAvgPool2d(grid), nn.Flatten()]
+        layers += [nn.AdaptiveAvgPool2d(grid), nn.Flatten()]  # (B, C, g, g) -> (B, C*g*g)
         self.image_tower = nn.Sequential(*layers)
         self.image_projection = nn.Linear(previous * grid * grid, config.embed_dim)
         self.text_embedding = nn.Embedding(config.text_vocab_size, config.embed_dim)
@@ -155,4 +155,5 @@ def contrastive_loss(logits: torch.Tensor, text_ids: torch.Tensor) -> torch.Tens
     same.fill_diagonal_(False)
     logits = logits.masked_fill(same, -math.inf)
     targets = torch.arange(logits.shape[0], device=logits.device)
+    # logits (B, B): rows are images over captions; logits.T (B, B) captions over images
     return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2

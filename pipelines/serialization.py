@@ -3,7 +3,8 @@
 ```
 pipeline/
   model_index.json       {"_class_name": "TextToImagePipeline", "image_tokenizer": ["tokenizer", "VQGAN"], ...}
-  pipeline_config.json   sampling defaults (guidance_scale, temperature, top_k, top_p, max_batch_size)
+  pipeline_config.json   resolution and the sampling defaults (guidance_scale, temperature, top_k,
+                         top_p, max_batch_size, num_candidates, likelihood_weight)
   image_tokenizer/       the component's own save_pretrained folder
   prior/
   text_tokenizer/
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from codegrid.io import config_from_dict, fsync_path
+from codegrid.io import check_field_names, config_from_dict, fsync_path
 from pipelines.scorer import ImageTextScorer
 from prior import Prior, TextTokenizer
 from tokenizer import VQGAN
@@ -219,8 +220,10 @@ def read_pipeline_config(directory: Path) -> PipelineConfig:
 def update_pipeline_config(directory: str | os.PathLike, **changes: Any) -> PipelineConfig:
     """Change saved sampling defaults in place, atomically (temporary file, fsync, rename).
 
-    Example: `update_pipeline_config("outputs/demo/pipeline", guidance_scale=2.0)`.
+    Example: `update_pipeline_config("outputs/demo/pipeline", guidance_scale=2.0)`. A name that
+    is not a `PipelineConfig` field raises ValueError and nothing is written.
     """
+    check_field_names(PipelineConfig, changes, "update_pipeline_config")
     folder = Path(directory)
     config = validated_config(dataclasses.replace(read_pipeline_config(folder), **changes))
     path = folder / PIPELINE_CONFIG_NAME

@@ -93,11 +93,26 @@ def check_components(
             f"image tokenizer gives {grid} codes at resolution {resolution}; set "
             "config.resolution or use a prior trained on this tokenizer's codes"
         )
+    check_prior_text(prior_config, text_tokenizer)
+    if scorer is not None:
+        check_scorer(scorer, text_tokenizer)
+
+
+def check_prior_text(prior_config: Any, text_tokenizer: Any) -> None:
+    """The prior must read the text tokenizer's ids: same length and pad id, vocabulary large
+    enough; a field the prior's config lacks (an adapter) is not checked."""
     text_length = getattr(prior_config, "text_length", None)
     if text_length is not None and int(text_tokenizer.text_length) != int(text_length):
         raise ValueError(
             f"text length mismatch: text_tokenizer.text_length={text_tokenizer.text_length} "
             f"but prior.config.text_length={text_length}; use the prior's own text tokenizer"
+        )
+    pad_id = getattr(prior_config, "text_pad_id", None)
+    if pad_id is not None and int(text_tokenizer.pad_id) != int(pad_id):
+        raise ValueError(
+            f"text pad id mismatch: text_tokenizer.pad_id={text_tokenizer.pad_id} but "
+            f"prior.config.text_pad_id={pad_id}; the prior was trained with another text "
+            "tokenizer: use the prior's own text tokenizer"
         )
     vocab = getattr(prior_config, "text_vocab_size", None)
     if vocab is not None and int(text_tokenizer.vocab_size) > int(vocab):
@@ -105,8 +120,6 @@ def check_components(
             f"text vocabulary mismatch: text_tokenizer.vocab_size={text_tokenizer.vocab_size}"
             f" exceeds prior.config.text_vocab_size={vocab}; use the prior's own text tokenizer"
         )
-    if scorer is not None:
-        check_scorer(scorer, text_tokenizer)
 
 
 def check_scorer(scorer: Any, text_tokenizer: Any) -> None:

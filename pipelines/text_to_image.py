@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from codegrid.io import atomic_directory
+from codegrid.io import atomic_directory, config_from_dict
 from pipelines.candidates import CandidateSet, Generators, row_generators
 from pipelines.output import OUTPUT_TYPES, ImagePipelineOutput, postprocess
 from pipelines.serialization import (
@@ -63,8 +63,9 @@ class TextToImagePipeline:
         text_tokenizer: a `prior.TextTokenizer` with the prior's text length.
         scorer: optional `pipelines.scorer.ImageTextScorer` over the same text tokenizer's
             ids; with `num_candidates` > 1 it reranks the sampled candidates.
-        config: sampling defaults (`PipelineConfig` or dict); None derives the resolution from
-            the image tokenizer and uses the default sampling values.
+        config: sampling defaults (`PipelineConfig` or a dict of its fields; unknown keys raise
+            ValueError); None, or a dict without "resolution", derives the resolution from the
+            image tokenizer, and fields left out take the default sampling values.
     """
 
     def __init__(
@@ -80,7 +81,9 @@ class TextToImagePipeline:
         self.text_tokenizer = text_tokenizer
         self.scorer = scorer
         if isinstance(config, dict):
-            config = PipelineConfig(**config)
+            # Unknown keys raise ValueError naming them; a missing resolution is derived.
+            values = {"resolution": self._default_resolution(), **config}
+            config = config_from_dict(PipelineConfig, values, source="config")
         if config is None:
             config = PipelineConfig(resolution=self._default_resolution())
         self.config = validated_config(config)
@@ -170,6 +173,13 @@ class TextToImagePipeline:
         """The device of the prior's parameters."""
         return next(self.prior.parameters()).device
 
+    def _image_tokenizer_device(self) -> torch.device:
+        """Where the image tokenizer decodes: its first parameter's device; the prior's for a
+        tokenizer without parameters (an adapter that places its inputs itself)."""
+        parameters = getattr(self.image_tokenizer, "parameters", None)
+        first = next(iter(parameters()), None) if callable(parameters) else None
+        return self.device if first is None else first.device
+
     # ---------------------------------------------------------------- sampling
     @torch.inference_mode()
     def __call__(
@@ -196,8 +206,8 @@ class TextToImagePipeline:
                 saved default (`self.config`). guidance_scale >= 0 (1 disables CFG), top_p in (0, 1].
             generator: None (torch's global RNG), one `torch.Generator` for the whole call, or a
                 list with one generator per prompt or per image. With a list, each image depends
-                only on its own generator (images are then sampled one at a time, which is
-                slower), so results don't depend on `max_batch_size` or on the other prompts.
+                only on its own generator (still sampled in batches), so results don't depend
+                on `max_batch_size` or on the other prompts.
             output_type: "pil" (list of images), "np" (B, H, W, 3) or "pt" (B, 3, H, W), in [0, 1].
             show_progress: show a tqdm bar over sampled images.
             num_candidates: codes sampled per returned image (>= 1; None: the saved default).
@@ -307,7 +317,8 @@ class TextToImagePipeline:
             likelihoods.append(code_log_likelihood(self.prior, text, chunk).float().cpu())
             if self.scorer is not None:
                 # The scorer learnt renders in [-1, 1]; decoders may overshoot a little.
-                images = self.image_tokenizer.decode(chunk).clamp(-1, 1)  # (b, 3, H, W)
+                codes_there = chunk.to(self._image_tokenizer_device())  # (b, h, w)
+                images = self.image_tokenizer.decode(codes_there).clamp(-1, 1)  # (b, 3, H, W)
                 device = next(self.scorer.parameters()).device
                 similarity = self.scorer.similarity(images.to(device), text.to(device))  # (b,)
                 similarities.append(similarity.float().cpu())
@@ -335,17 +346,17 @@ class TextToImagePipeline:
     ) -> torch.Tensor:
         """Sample codes for all rows of `text_ids` (B, T) in chunks of max_batch_size -> (B, h, w).
 
-        `prior.generate` draws a whole batch from one generator, so with one generator per image
-        each image is sampled on its own: slower, but then an image depends on nothing else.
+        With one generator per row, each chunk gets its rows' generators: `prior.generate`
+        then draws every row from its own generator only, so a row's codes do not depend on
+        max_batch_size or on the other rows (up to float rounding of the batched logits).
         """
         total = text_ids.shape[0]
-        per_image = isinstance(generators, list)
-        chunk_size = 1 if per_image else settings.max_batch_size
+        per_row = isinstance(generators, list)
         chunks = []
         with tqdm(total=total, desc="sampling", unit="img", disable=not show_progress) as bar:
-            for start in range(0, total, chunk_size):
-                stop = min(start + chunk_size, total)
-                generator = generators[start] if per_image else generators
+            for start in range(0, total, settings.max_batch_size):
+                stop = min(start + settings.max_batch_size, total)
+                generator = generators[start:stop] if per_row else generators
                 chunks.append(self._sample_chunk(text_ids[start:stop], settings, generator))
                 bar.update(stop - start)
         return torch.cat(chunks)  # (B, h, w)
@@ -354,9 +365,10 @@ class TextToImagePipeline:
         self,
         text_ids: torch.Tensor,
         settings: SamplingSettings,
-        generator: torch.Generator | None,
+        generator: torch.Generator | list[torch.Generator] | None,
     ) -> torch.Tensor:
-        """One batched `prior.generate` call: text ids (b, T) -> codes (b, h, w)."""
+        """One batched `prior.generate` call: text ids (b, T) -> codes (b, h, w); `generator`
+        is None, one generator, or a list of b (one per row)."""
         use_guidance = settings.guidance_scale != 1.0
         null_ids = self._null_ids(text_ids.shape[0]) if use_guidance else None  # (b, T)
         return generate(
@@ -375,7 +387,7 @@ class TextToImagePipeline:
         """Codes (B, h, w) -> images (B, 3, H, W) in [-1, 1], decoded in chunks of
         max_batch_size (None: the saved default)."""
         max_batch_size = max_batch_size or self.config.max_batch_size
-        codes = codes.to(self.device)
+        codes = codes.to(self._image_tokenizer_device())  # (B, h, w)
         pieces = [self.image_tokenizer.decode(chunk) for chunk in codes.split(max_batch_size)]
         return torch.cat(pieces)  # (B, 3, H, W)
 

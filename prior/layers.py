@@ -17,12 +17,17 @@ if TYPE_CHECKING:
 
 
 def make_norm(config: PriorConfig) -> nn.Module:
+    """The pre-norm of `config.norm` over the last dim: (..., d_model) -> (..., d_model)."""
     if config.norm == "rmsnorm":
         return nn.RMSNorm(config.d_model, eps=config.norm_eps)
     return nn.LayerNorm(config.d_model, eps=config.norm_eps)
 
 
 def apply_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
+    """Dropout with probability p in [0, 1), any shape -> the same shape; p = 0 returns x.
+
+    Always active when p > 0: callers pass p = 0 outside training (`Prior.forward` does).
+    """
     return F.dropout(x, p=p, training=True) if p > 0 else x
 
 
@@ -42,6 +47,9 @@ class Projection(nn.Module):
 
 
 class Attention(nn.Module):
+    """Multi-head self-attention with one fused qkv projection, RoPE on queries and keys and
+    an optional KV cache; no biases. x (B, L, D) -> (B, L, D), H heads of Dh = D / H."""
+
     def __init__(self, config: PriorConfig) -> None:
         super().__init__()
         self.num_heads, self.head_dim = config.num_heads, config.head_dim
@@ -74,6 +82,9 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+    """SwiGLU (fused gate and up projections) or GELU MLP: (..., D) -> hidden (..., mlp_hidden)
+    -> (..., D); no biases."""
+
     def __init__(self, config: PriorConfig) -> None:
         super().__init__()
         self.gated = config.mlp == "swiglu"
@@ -93,6 +104,10 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then + mlp(norm(x)), with dropout on
+    each residual branch. x (B, L, D) -> (B, L, D); `cache` is one layer's (keys, values),
+    each (B, H, T_max, Dh), written at [start, start + L) (see `Attention.forward`)."""
+
     def __init__(self, config: PriorConfig) -> None:
         super().__init__()
         self.attn_norm, self.mlp_norm = make_norm(config), make_norm(config)

@@ -7,13 +7,15 @@ import torch
 from prior.model import Prior
 
 
+@torch.no_grad()
 def code_log_likelihood(
     prior: Prior, text_ids: torch.Tensor, image_codes: torch.Tensor
 ) -> torch.Tensor:
     """log p(codes | caption) in nats, summed over the grid: one teacher-forced forward pass.
 
-    This is the conditional model itself (no guidance, temperature 1), whatever settings drew
-    the codes, so candidates drawn together are compared on one scale.
+    This is the conditional model itself (no guidance, temperature 1, no dropout even when the
+    prior is in training mode; no autograd graph), whatever settings drew the codes, so
+    candidates drawn together are compared on one scale. The prior's mode is not changed.
 
     Args:
         text_ids: (B, text_length) long, as for `Prior.forward`.
@@ -23,5 +25,6 @@ def code_log_likelihood(
         (B,) fp32, <= 0.
     """
     codes = prior.check_inputs(text_ids, image_codes)  # (B, N)
-    log_probs = prior(text_ids, codes).image_logits.log_softmax(dim=-1)  # (B, N, V)
+    logits = prior.teacher_forced_image_logits(text_ids, codes)  # (B, N, V)
+    log_probs = logits.log_softmax(dim=-1)  # (B, N, V)
     return log_probs.gather(-1, codes.unsqueeze(-1)).squeeze(-1).sum(dim=-1)  # (B,)

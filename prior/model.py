@@ -84,8 +84,11 @@ class PriorConfig:
     text_attention: str = "causal"
 
     def __post_init__(self) -> None:
-        self.image_grid = tuple(self.image_grid)
-        self.code_feature_groups = tuple(self.code_feature_groups)
+        # Lists (from JSON) become tuples; anything else is left for validate() to name.
+        if isinstance(self.image_grid, list | tuple):
+            self.image_grid = tuple(self.image_grid)
+        if isinstance(self.code_feature_groups, list | tuple):
+            self.code_feature_groups = tuple(self.code_feature_groups)
         self.validate()
 
     def validate(self) -> None:
@@ -95,8 +98,12 @@ class PriorConfig:
         grid, heads = self.image_grid, self.num_heads
         groups, features = self.code_feature_groups, self.code_feature_dim
         checks = [
-            ("text_length", lambda: self.text_length >= 2, "an int >= 2 (room for BOS and EOS)"),
-            ("image_grid", lambda: len(grid) == 2 and all(map(_positive_int, grid)), "(h, w) >= 1"),
+            (
+                "text_length",
+                lambda: _positive_int(self.text_length) and self.text_length >= 2,
+                "an int >= 2 (room for BOS and EOS)",
+            ),
+            ("image_grid", lambda: _valid_grid(grid), "a tuple (h, w) of ints >= 1"),
             ("d_model", lambda: self.d_model % heads == 0, f"a multiple of num_heads={heads}"),
             ("num_heads", lambda: self.head_dim % 4 == 0, "a head_dim divisible by 4 (2D RoPE)"),
             ("mlp", lambda: self.mlp in MLP_KINDS, MLP_KINDS),
@@ -116,7 +123,7 @@ class PriorConfig:
         ]
         checks += [(name, lambda n=name: getattr(self, n) > 0, "> 0") for name in _POSITIVE]
         for name, check, allowed in checks:
-            _require(self, name, check(), allowed)
+            _require(self, name, _holds(check), allowed)
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> PriorConfig:
@@ -154,9 +161,24 @@ def _non_negative_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-def _valid_groups(groups: tuple, total) -> bool:
+def _valid_grid(grid) -> bool:
+    """A tuple of two ints >= 1."""
+    return isinstance(grid, tuple) and len(grid) == 2 and all(map(_positive_int, grid))
+
+
+def _valid_groups(groups, total) -> bool:
     """Empty (one group), or sizes >= 1 that add up to `total` features."""
+    if not isinstance(groups, tuple):
+        return False
     return not groups or (all(map(_positive_int, groups)) and sum(groups) == total)
+
+
+def _holds(check) -> bool:
+    """`check()`, with a value of the wrong type (a TypeError inside it) counting as invalid."""
+    try:
+        return bool(check())
+    except TypeError:
+        return False
 
 
 def _require(config: PriorConfig, field: str, condition: bool, allowed) -> None:
@@ -252,7 +274,11 @@ class Prior(nn.Module):
         return self
 
     def backbone(self, x, start: int = 0, cache: KVCache | None = None, dropout: float = 0.0):
-        """Embedded inputs x (B, L, D) at positions start..start+L-1 -> normed hidden (B, L, D)."""
+        """Embedded inputs x (B, L, D) at positions start..start+L-1 -> normed hidden (B, L, D).
+
+        With `gradient_checkpointing` and grad enabled the blocks are checkpointed, which
+        cannot fill a KV cache: passing `cache` then raises ValueError.
+        """
         length = x.shape[1]
         rotations = self.rope[start : start + length]  # (L, Dh/2, 2)
         # A one-token step attends to the whole cached prefix under either text_attention.
@@ -260,6 +286,13 @@ class Prior(nn.Module):
         if self.config.text_attention == "self" and length > 1:
             mask = self.attention_mask(length, x.device)  # (L, L)
         use_checkpoint = self.gradient_checkpointing and torch.is_grad_enabled()
+        if use_checkpoint and cache is not None:
+            raise ValueError(
+                "a KV cache was passed with gradient_checkpointing=True and grad enabled; the "
+                "checkpointed blocks cannot fill it. Run cached calls under torch.no_grad() or "
+                "torch.inference_mode() (as prior.generate does), or set "
+                "prior.gradient_checkpointing = False"
+            )
         for index, block in enumerate(self.blocks):
             layer_cache = None if cache is None else cache.layer(index)
             if use_checkpoint:
@@ -311,7 +344,7 @@ class Prior(nn.Module):
         return torch.cat([text, image], dim=1)  # (B, T + n, D)
 
     def forward(self, text_ids: torch.Tensor, image_codes: torch.Tensor) -> PriorOutput:
-        """Teacher-forced losses.
+        """Teacher-forced losses; dropout (config.dropout) only in training mode.
 
         Args:
             text_ids: (B, text_length) long in [0, text_vocab_size).
@@ -319,31 +352,49 @@ class Prior(nn.Module):
         """
         codes = self.check_inputs(text_ids, image_codes)  # (B, N)
         cfg, text_length = self.config, text_ids.shape[1]
-        boi = codes.new_full((codes.shape[0], 1), self.boi_id)
-        image_inputs = torch.cat([boi, codes[:, :-1]], dim=1)  # (B, N)
         dropout = cfg.dropout if self.training else 0.0
-        table = self.image_table()  # (V + 1, D)
-        if cfg.text_attention == "self" and self.text_head is None and dropout == 0:
-            # Each distinct text token once: the same logits, fewer rows (prior/distinct_text.py).
-            image = F.embedding(image_inputs, table)  # (B, N, D)
-            image_logits = self.image_logits(image_hidden(self, text_ids, image), table)  # (B,N,V)
-        else:
-            hidden = self.backbone(
-                apply_dropout(self.embed(text_ids, image_inputs, table), dropout), 0, None, dropout
-            )
-            image_logits = self.image_logits(hidden[:, text_length:], table)  # (B, N, V)
+        image_logits, hidden = self._teacher_forced(text_ids, codes, dropout)  # (B, N, V)
+        # (B, N, V) -> (B*N, V) logits against (B, N) -> (B*N,) targets
         image_loss = F.cross_entropy(image_logits.flatten(0, 1), codes.flatten())
         loss, text_loss = cfg.image_loss_weight * image_loss, None
         if self.text_head is not None:
             # Position i predicts text token i + 1; the last text position would predict BOI.
             text_logits = self.text_head(hidden[:, : text_length - 1]).float()  # (B, T-1, Vt)
-            targets = text_ids[:, 1:].flatten()
+            targets = text_ids[:, 1:].flatten()  # (B*(T-1),)
             summed = F.cross_entropy(
-                text_logits.flatten(0, 1), targets, ignore_index=cfg.text_pad_id, reduction="sum"
+                text_logits.flatten(0, 1),  # (B*(T-1), Vt)
+                targets,
+                ignore_index=cfg.text_pad_id,
+                reduction="sum",
             )
             text_loss = summed / (targets != cfg.text_pad_id).sum().clamp(min=1)
             loss = loss + cfg.text_loss_weight * text_loss
         return PriorOutput(loss, image_loss, text_loss, image_logits)
+
+    def teacher_forced_image_logits(
+        self, text_ids: torch.Tensor, image_codes: torch.Tensor
+    ) -> torch.Tensor:
+        """The image logits of `forward` without dropout, in either mode; nothing is mutated.
+
+        text_ids (B, text_length), image_codes (B, h, w) or (B, h*w) -> fp32 (B, h*w,
+        codebook_size), entry j predicting code j.
+        """
+        codes = self.check_inputs(text_ids, image_codes)  # (B, N)
+        return self._teacher_forced(text_ids, codes, 0.0)[0]  # (B, N, V)
+
+    def _teacher_forced(self, text_ids: torch.Tensor, codes: torch.Tensor, dropout: float):
+        """Checked text ids (B, T) and codes (B, N) -> (image logits (B, N, V) fp32, the normed
+        hidden states (B, T + N, D), or None on the distinct-text path)."""
+        boi = codes.new_full((codes.shape[0], 1), self.boi_id)
+        image_inputs = torch.cat([boi, codes[:, :-1]], dim=1)  # (B, N)
+        table = self.image_table()  # (V + 1, D)
+        if self.config.text_attention == "self" and self.text_head is None and dropout == 0:
+            # Each distinct text token once: the same logits, fewer rows (prior/distinct_text.py).
+            image = F.embedding(image_inputs, table)  # (B, N, D)
+            return self.image_logits(image_hidden(self, text_ids, image), table), None
+        inputs = apply_dropout(self.embed(text_ids, image_inputs, table), dropout)  # (B, T+N, D)
+        hidden = self.backbone(inputs, 0, None, dropout)  # (B, T + N, D)
+        return self.image_logits(hidden[:, text_ids.shape[1] :], table), hidden  # (B, N, V)
 
     def check_inputs(self, text_ids: torch.Tensor, image_codes: torch.Tensor) -> torch.Tensor:
         """Validate shapes, dtypes and id ranges; returns the codes flattened to (B, h*w)."""
@@ -369,11 +420,13 @@ class Prior(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> Prior:
-        """Load a folder written by `save_pretrained`; every weight key is checked."""
+        """Load a folder written by `save_pretrained`; every weight key is checked. Returns the
+        model in eval mode (dropout off), as diffusers' and `VQGAN.from_pretrained` do; call
+        `.train()` to fine-tune it."""
         config, state_dict = load_model_folder(directory, PriorConfig)
         model = cls(config)
         load_state_dict_strict(model, state_dict, source=str(directory))
-        return model.to(device)
+        return model.to(device).eval()
 
 
 def check_text_ids(text_ids: torch.Tensor, config: PriorConfig) -> None:
@@ -387,6 +440,8 @@ def check_text_ids(text_ids: torch.Tensor, config: PriorConfig) -> None:
 
 
 def check_id_range(ids: torch.Tensor, size: int, name: str, size_name: str) -> None:
+    """Raise ValueError unless `ids` (any shape) is torch.long with every value in
+    [0, size); `name` and `size_name` name the tensor and the bound in the message."""
     if ids.dtype != torch.long:
         raise ValueError(f"{name} must be torch.long, got {ids.dtype}")
     # Value checks need a host sync and break torch.compile graphs; compiled training skips them.

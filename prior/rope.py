@@ -53,4 +53,5 @@ def rope_real(pairs: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
     """The complex multiply of `apply_rope` in reals: pairs (..., Dh/2, 2) -> (..., Dh)."""
     cos, sin = rotations.unbind(-1)  # (..., Dh/2) each
     first, second = pairs.unbind(-1)  # (..., Dh/2) each
-    return torch.stack([first * cos - second * sin, second * cos + first * sin], -1).flatten(-2)
+    real, imaginary = first * cos - second * sin, second * cos + first * sin  # (..., Dh/2) each
+    return torch.stack([real, imaginary], -1).flatten(-2)  # (..., Dh/2, 2) -> (..., Dh)

@@ -75,9 +75,23 @@ def drop_captions(
     """
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"caption dropout p={p!r} is invalid; allowed: a probability in [0, 1]")
-    null_ids = null_ids.to(text_ids.device).reshape(-1, text_ids.shape[1])  # (1 or B, T)
+    batch, length = text_ids.shape
+    null_ids = null_rows(null_ids, batch, length, "null_ids").to(text_ids.device)  # (1 or B, T)
     drop = torch.rand(text_ids.shape[0], generator=generator, device=text_ids.device) < p  # (B,)
     return torch.where(drop[:, None], null_ids, text_ids)  # (B, T)
+
+
+def null_rows(null_ids: torch.Tensor, batch: int, length: int, name: str) -> torch.Tensor:
+    """The null caption's ids, (T,), (1, T) or (B, T), as rows (1, T) or (B, T); any other
+    shape raises ValueError naming `name`, its shape and the allowed ones."""
+    shape = tuple(null_ids.shape)
+    if shape not in ((length,), (1, length), (batch, length)):
+        raise ValueError(
+            f"{name} has shape {shape}; allowed: ({length},), (1, {length}) or ({batch}, "
+            f"{length}), the empty caption's ids (TextTokenizer.null_ids) for text_length="
+            f"{length} and {batch} captions"
+        )
+    return null_ids.reshape(-1, length)  # (1 or B, T)
 
 
 def prefill(
@@ -201,9 +215,9 @@ def generate(
         temperature: > 0, divides the (mixed) logits. top_k: int >= 1 or None; top_p: (0, 1]
             or None (HF tie conventions, see `top_k_filter` and `top_p_filter`).
         generator: the only source of randomness, on the model's device. One generator drives
-            `torch.multinomial` for the whole batch; a list of B generators (diffusers style)
-            gives each row its own stream, drawn up front, so a row's codes do not depend on
-            which other rows share the batch.
+            `torch.multinomial` for the whole batch; a list of B generators (diffusers style,
+            no None) gives each row its own stream, drawn up front, so a row's codes do not
+            depend on which other rows share the batch.
         prefix_codes: (B, n) long, 0 <= n <= h*w, the first n codes in raster order (image
             completion); they are returned unchanged.
         use_cache: False recomputes the full forward every step (the slow reference).
@@ -241,8 +255,9 @@ def _with_null_rows(text_ids, null_text_ids, config) -> torch.Tensor:
     """(B, T) -> (2B, T) with the null caption's rows after the conditional ones, if given."""
     if null_text_ids is None:
         return text_ids
-    null = null_text_ids.to(text_ids.device).reshape(-1, config.text_length)  # (1 or B, T)
-    null = null.expand(text_ids.shape[0], -1)  # (B, T)
+    batch = text_ids.shape[0]
+    null = null_rows(null_text_ids, batch, config.text_length, "null_text_ids")  # (1 or B, T)
+    null = null.to(text_ids.device).expand(batch, -1)  # (B, T)
     check_text_ids(null, config)
     return torch.cat([text_ids, null], dim=0)  # (2B, T)
 
@@ -305,8 +320,14 @@ def _validate(prior, text_ids, prefix_codes, generator, device) -> tuple[int, to
     generators = generator if isinstance(generator, Sequence) else [generator]
     if isinstance(generator, Sequence) and len(generator) != batch:
         raise ValueError(f"got {len(generator)} generators for {batch} captions; pass one per row")
+    if isinstance(generator, Sequence) and any(item is None for item in generator):
+        missing = [index for index, item in enumerate(generator) if item is None]
+        raise ValueError(
+            f"generator list has None at rows {missing[:5]}; a None row would draw from torch's "
+            "global RNG, so pass a torch.Generator for every row (or generator=None for all)"
+        )
     for item in generators:
-        if item is not None and torch.device(item.device).type != device.type:
+        if item is not None and not same_device(item.device, device):
             raise ValueError(
                 f"generator is on {item.device} but sampling runs on {device}; create it "
                 f"there: torch.Generator(device={str(device)!r}).manual_seed(seed)"
@@ -326,6 +347,20 @@ def _validate(prior, text_ids, prefix_codes, generator, device) -> tuple[int, to
         )
     check_id_range(prefix_codes, cfg.codebook_size, "prefix_codes", "codebook_size")
     return batch, prefix_codes
+
+
+def same_device(first: torch.device | str, second: torch.device | str) -> bool:
+    """Whether two devices are the same one; an accelerator device without an index ("cuda")
+    means the current one, as torch.Generator("cuda") does."""
+    return _indexed(torch.device(first)) == _indexed(torch.device(second))
+
+
+def _indexed(device: torch.device) -> torch.device:
+    if device.type == "cpu" or device.index is not None:
+        return device
+    if device.type == "cuda" and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device(device.type, 0)
 
 
 def _validate_knobs(guidance_scale, temperature, top_k, top_p) -> None:

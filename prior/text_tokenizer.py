@@ -31,6 +31,17 @@ SPM_NAME = "spm.model"
 HF_DIR = "hf_tokenizer"
 FORMAT = "codegrid-text-tokenizer"
 MODEL_TYPES = ("unigram", "bpe")
+SPECIAL_NAMES = ("pad", "unk", "bos", "eos")
+
+
+def _field(config: dict, name: str, folder: Path):
+    """`config[name]` of our saved config, or ValueError naming the file and the field."""
+    if name not in config:
+        raise ValueError(
+            f"{folder / CONFIG_NAME} has no field {name!r}; the file is malformed: save the "
+            "tokenizer again with TextTokenizer.save_pretrained"
+        )
+    return config[name]
 
 
 class _SentencePiece:
@@ -140,9 +151,8 @@ class TextTokenizer:
                     "be str (use '' for an empty caption)"
                 )
         encoded = self.backend.encode(list(captions)) if captions else []
-        return torch.tensor([self._row(ids) for ids in encoded], dtype=torch.long).view(
-            len(encoded), self.text_length
-        )  # (B, T)
+        rows = torch.tensor([self._row(ids) for ids in encoded], dtype=torch.long)  # (B, T)
+        return rows.view(len(encoded), self.text_length)  # (B, T), also for B = 0
 
     def _row(self, ids: list[int]) -> list[int]:
         budget = self.text_length - self.num_special
@@ -281,7 +291,7 @@ class TextTokenizer:
             config = json.loads((folder / CONFIG_NAME).read_text())
         except json.JSONDecodeError as error:
             raise ValueError(f"{folder / CONFIG_NAME} is not valid JSON ({error})") from error
-        if config.get("format") != FORMAT:
+        if not isinstance(config, dict) or config.get("format") != FORMAT:
             raise ValueError(f"{folder / CONFIG_NAME} is not a {FORMAT} config")
         kind = config.get("backend")
         if kind not in ("sentencepiece", "hf"):
@@ -295,8 +305,10 @@ class TextTokenizer:
             backend = _SentencePiece(backend_path.read_bytes())
         else:
             backend = _load_hf(str(backend_path), local_files_only=True)
-        special = {name: config[f"{name}_id"] for name in ("pad", "unk", "bos", "eos")}
-        return cls(backend, text_length or config["text_length"], special)
+        special = {name: _field(config, f"{name}_id", folder) for name in SPECIAL_NAMES}
+        if text_length is None:
+            text_length = _field(config, "text_length", folder)
+        return cls(backend, text_length, special)
 
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write the backend and `text_tokenizer.json` atomically (codegrid.io)."""
@@ -305,7 +317,7 @@ class TextTokenizer:
             "backend": self.backend.kind,
             "text_length": self.text_length,
             "vocab_size": self.vocab_size,
-            **{f"{name}_id": getattr(self, f"{name}_id") for name in ("pad", "unk", "bos", "eos")},
+            **{f"{name}_id": getattr(self, f"{name}_id") for name in SPECIAL_NAMES},
         }
         with atomic_directory(directory) as tmp:
             self.backend.save(tmp)

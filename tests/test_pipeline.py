@@ -240,6 +240,7 @@ def test_bad_arguments_raise_value_error(pipeline, kwargs, name):
         ({}, {"resolution": 32}, "grid mismatch"),
         ({"text_length": 12}, {}, "text length mismatch"),
         ({"text_vocab_size": 20}, {}, "text vocabulary mismatch"),
+        ({"text_pad_id": 1}, {}, "text pad id mismatch: text_tokenizer.pad_id=0"),
     ],
 )
 def test_component_mismatch_fails_at_construction(

@@ -52,6 +52,13 @@ def test_llamagen_b_size_and_tiny_size():
         (dict(code_feature_dim=5, code_feature_groups=(3, 3)), "code_feature_groups"),
         (dict(code_feature_dim=5, code_feature_groups=(5, 0)), "code_feature_groups"),
         (dict(text_attention="bidirectional"), "text_attention"),
+        # Values of the wrong type are a ValueError too, never a TypeError from inside a check.
+        (dict(image_grid=8), "image_grid"),
+        (dict(image_grid=(3, 4.0)), "image_grid"),
+        (dict(text_length=2.5), "text_length"),
+        (dict(code_feature_dim=5, code_feature_groups=5), "code_feature_groups"),
+        (dict(mlp_ratio="4"), "mlp_ratio"),
+        (dict(dropout=None), "dropout"),
     ],
 )
 def test_config_validation_names_field_and_value(overrides, field):

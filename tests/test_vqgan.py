@@ -470,7 +470,8 @@ def test_unknown_preset():
 
 def test_misspelt_preset_override_lists_valid_fields():
     with pytest.raises(
-        ValueError, match=r"unknown field\(s\) \['codebok_size'\]; valid .*'codebook_size'"
+        ValueError,
+        match=r"unknown VQGANConfig field\(s\) \['codebok_size'\]; allowed .*'codebook_size'",
     ):
         VQGANConfig.from_preset("cpu-tiny", codebok_size=64)
 

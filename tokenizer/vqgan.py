@@ -19,7 +19,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from codegrid.io import load_model_folder, load_state_dict_strict, save_model_folder
+from codegrid.io import (
+    check_field_names,
+    load_model_folder,
+    load_state_dict_strict,
+    save_model_folder,
+)
 from tokenizer.code_search import search_codes
 from tokenizer.modules import NORMS, Decoder, Encoder, PatchEncoder
 from tokenizer.quantize import FSQ, RESTART_SOURCES, VectorQuantizer
@@ -188,13 +193,7 @@ class VQGANConfig:
                 message lists the valid ones), or an invalid value."""
         if name not in PRESETS:
             raise ValueError(f"unknown VQGAN preset {name!r}; allowed: {sorted(PRESETS)}")
-        fields = sorted(field.name for field in dataclasses.fields(cls))
-        unknown = sorted(set(overrides) - set(fields))
-        if unknown:
-            raise ValueError(
-                f"VQGANConfig.from_preset({name!r}): unknown field(s) {unknown}; valid fields "
-                f"are {fields}"
-            )
+        check_field_names(cls, overrides, f"VQGANConfig.from_preset({name!r})")
         base = PRESETS[name]
         if overrides.get("quantizer", base.quantizer) == "fsq":
             levels = tuple(overrides.get("fsq_levels", base.fsq_levels))  # type: ignore[arg-type]

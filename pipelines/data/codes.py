@@ -25,6 +25,8 @@ from codegrid.io import fsync_path
 CODES_META = "codes_meta.json"
 CODES_FORMAT = "codegrid-codes"
 CODES_VERSION = 1
+# Fields of codes_meta.json that the loaders read, and their JSON types.
+_META_FIELDS = {"tokenizer": dict, "latent_shape": list, "resolution": int, "splits": dict}
 
 
 def write_json_atomic(path: str | os.PathLike, values: dict[str, Any]) -> None:
@@ -41,17 +43,19 @@ def write_json_atomic(path: str | os.PathLike, values: dict[str, Any]) -> None:
 
 
 def read_codes_meta(path: str | os.PathLike) -> dict[str, Any]:
-    """The metadata of an extraction folder.
+    """The metadata of an extraction folder, checked: format, `version` == CODES_VERSION, and
+    the fields the loaders read (tokenizer, latent_shape, resolution, splits).
 
     Raises:
         FileNotFoundError: `path` has no codes_meta.json (not a finished extraction).
-        ValueError: the file is not valid JSON or not a codes metadata file.
+        ValueError: the file is not valid JSON, not a codes metadata file, written by another
+            version of the layout, or lacks a field.
     """
     meta_path = Path(path) / CODES_META
     if not meta_path.is_file():
         raise FileNotFoundError(
             f"{meta_path} not found: {path} is not a finished code extraction; run "
-            "scripts/extract_codes.py --out {path} (a rerun resumes an interrupted one)"
+            f"scripts/extract_codes.py --out {path} (a rerun resumes an interrupted one)"
         )
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
@@ -59,6 +63,18 @@ def read_codes_meta(path: str | os.PathLike) -> dict[str, Any]:
         raise ValueError(f"{meta_path} is not valid JSON ({error})") from error
     if not isinstance(meta, dict) or meta.get("format") != CODES_FORMAT:
         raise ValueError(f"{meta_path} is not a {CODES_FORMAT} metadata file")
+    if meta.get("version") != CODES_VERSION:
+        raise ValueError(
+            f"{meta_path} has version={meta.get('version')!r} but this code reads version "
+            f"{CODES_VERSION}; re-extract the codes: scripts/extract_codes.py --out {path}"
+        )
+    for field, kind in _META_FIELDS.items():
+        if not isinstance(meta.get(field), kind):
+            raise ValueError(
+                f"{meta_path}: field {field!r} is {meta.get(field)!r}; expected a "
+                f"{kind.__name__}. The file is malformed: re-extract the codes with "
+                f"scripts/extract_codes.py --out {path}"
+            )
     return meta
 
 

@@ -181,7 +181,8 @@ def decode_image(
     """Decode bytes, a path or a PIL image into an upright RGB PIL image, or raise.
 
     Raises:
-        ImageDecodeError: with `.reason` one of empty_file, missing_file, not_an_image,
+        ImageDecodeError: with `.reason` one of empty_file, missing_file (also a path that
+            exists but cannot be read: a folder, no permission, an I/O error), not_an_image,
             corrupt, too_large (width*height > max_pixels, checked before decoding pixels),
             too_small (shorter side < min_size) or unsupported_mode.
     """
@@ -195,6 +196,10 @@ def decode_image(
                 source = Path(source).read_bytes()
             except FileNotFoundError as error:
                 raise ImageDecodeError("missing_file", f"{source} not found") from error
+            except OSError as error:  # a folder, no permission, an I/O error: unreadable
+                raise ImageDecodeError(
+                    "missing_file", f"{source} cannot be read: {error}"
+                ) from error
         if len(source) == 0:
             raise ImageDecodeError("empty_file", "zero-byte file")
         image = _open(source, max_pixels)

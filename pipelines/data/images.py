@@ -27,6 +27,7 @@ What happens to each kind of bad input (reason names are `DataReport.counts` key
 | EXIF orientation                                 | used, rotated upright               |
 | metadata line: bad JSON/CSV, no file_name, ../   | line skipped, `bad_metadata_line`   |
 | metadata names a file that does not exist        | skipped, `missing_file`             |
+| a path that cannot be read (a folder, no access) | skipped, `missing_file`             |
 | unreadable or truncated tar shard                | readable samples kept, `bad_shard`  |
 | no caption (no row, no sidecar, null)            | null caption "", `missing_caption`  |
 | empty or whitespace caption                      | null caption "", `empty_caption`    |
@@ -113,6 +114,8 @@ class ImageTransform:
     def __call__(
         self, image: Image.Image, generator: torch.Generator | None = None
     ) -> torch.Tensor:
+        """PIL RGB image of any size -> FloatTensor (3, R, R) in [-1, 1], R = resolution;
+        random crops, flips and shuffles draw only from `generator`."""
         size = self.resolution
         width, height = image.size
         scale = size / min(width, height)
@@ -243,7 +246,11 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
                 continue
             generator = item_generator(self.seed, self.epoch, index)
             return {"image": self.transform(image, generator), "caption": caption}
-        raise RuntimeError("no item of this dataset can be decoded any more")
+        raise ValueError(
+            f"none of the {len(self)} validated items of this dataset (first: "
+            f"{self.names[0] if self.names else None}) can be decoded any more: the files "
+            "changed after validation; check the data and load the dataset again"
+        )
 
 
 class StreamingImageCaptionDataset(torch.utils.data.IterableDataset):
@@ -309,7 +316,8 @@ def load_image_caption_dataset(
         resolution, crop, flip, channel_shuffle: the default `ImageTransform` (ignored when
             `transform` is given).
         num_samples: Shapes: how many to generate; other sources: only the first
-            `num_samples` candidates are read.
+            `num_samples` candidates are read (with `streaming`, the first of the whole stream,
+            shared out among ranks and DataLoader workers).
         seed: Shapes' seed and the seed of random crops and flips.
         missing_caption: "null" (use the null caption "", counted) or "skip" (drop, counted).
         background, max_pixels, min_size: see `decode_image`.
@@ -327,7 +335,7 @@ def load_image_caption_dataset(
     kind, value, label = sources.resolve_source(source, split, streaming, num_samples, seed,
                                                 resolution)  # fmt: skip
     if streaming:
-        stream = _stream(kind, value, label, image_column, caption_column)
+        stream = _stream(kind, value, label, image_column, caption_column, num_samples)
         return StreamingImageCaptionDataset(
             stream, transform, options, missing_caption, seed, label
         )
@@ -352,16 +360,24 @@ def load_image_caption_dataset(
 
 
 def _stream(
-    kind: str, value: Any, label: str, image_column: str | None, caption_column: str | None
+    kind: str,
+    value: Any,
+    label: str,
+    image_column: str | None,
+    caption_column: str | None,
+    num_samples: int | None = None,
 ) -> Callable:
-    """The record stream of a streaming source: tar shards or a `datasets` source."""
+    """The record stream of a streaming source, tar shards or a `datasets` source, stopped
+    after its first `num_samples` candidates (None: all)."""
     if kind == "dataset":
         image_column, caption_column = sources.find_columns(
             value.features, image_column, caption_column, label
         )
-        return partial(sources.stream_dataset, value, image_column, caption_column)
+        return partial(
+            sources.stream_dataset, value, image_column, caption_column, num_samples=num_samples
+        )
     if kind == "tar":
-        return partial(sources.stream_tar, value)
+        return partial(sources.stream_tar, value, num_samples=num_samples)
     raise ValueError(f"streaming=True needs tar shards or a `datasets` source, not {label}")
 
 

@@ -326,9 +326,12 @@ class ShapesConfig:
             raise ValueError(f"supersample={self.supersample} must be >= 1")
 
     def to_dict(self) -> dict:
+        """The fields as a JSON-able dict (the keyword arguments of `make_shapes_dataset`)."""
         return asdict(self)
 
     def dataset(self, split: str, num_samples: int, seed: int = 0) -> datasets.Dataset:
+        """`num_samples` rows of `split` ("train", "validation" or "test") rendered with these
+        settings: PIL RGB images of resolution x resolution, captions and attributes."""
         return make_shapes_dataset(split, num_samples, seed=seed, **self.to_dict())
 
 

@@ -288,35 +288,51 @@ def consumer_index() -> tuple[int, int]:
     return rank * workers + worker, world * workers
 
 
-def stream_tar(shards: list[Path], report: DataReport) -> Iterator[Candidate]:
+def stream_tar(
+    shards: list[Path], report: DataReport, num_samples: int | None = None
+) -> Iterator[Candidate]:
     """This consumer's samples of tar shards, with image bytes as `ref`.
 
-    Whole shards are dealt out when there are at least as many shards as consumers, otherwise
-    every consumer reads every shard, keeps every `count`-th sample, and only consumer 0 counts
-    unreadable shards.
+    Whole shards are dealt out when there are at least as many shards as consumers and no
+    `num_samples` limit; otherwise every consumer reads the shards in order, keeps every
+    `count`-th sample, and only consumer 0 counts unreadable shards. With `num_samples`, only
+    the first num_samples samples of the shards (in order) are read, by all consumers together.
     """
     index, count = consumer_index()
-    by_shard = len(shards) >= count
+    by_shard = len(shards) >= count and num_samples is None
     shard_report = report if by_shard or index == 0 else DataReport()
     position = 0
     for shard in shards[index::count] if by_shard else shards:
         for candidate in scan_tar_shards([shard], shard_report):
+            if num_samples is not None and position >= num_samples:
+                return
             position += 1
             if by_shard or (position - 1) % count == index:
                 data = read_tar_member(candidate.ref)
                 yield Candidate(candidate.name, data, candidate.caption, candidate.non_utf8)
 
 
-def stream_dataset(dataset: Any, image_column: str, caption_column: str, report: DataReport):
+def stream_dataset(
+    dataset: Any,
+    image_column: str,
+    caption_column: str,
+    report: DataReport,
+    num_samples: int | None = None,
+):
     """This rank's rows of a streaming `datasets.IterableDataset`, payloads as `ref`.
 
     Rows are split across ranks here; `datasets` itself splits them across DataLoader workers.
+    With `num_samples`, only the dataset's first num_samples rows are read (before the split).
     `report` is unused (rows cannot fail before decoding; the signature matches stream_tar).
     """
     from datasets.distributed import split_dataset_by_node
 
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    mine = split_dataset_by_node(undecoded(dataset, image_column), rank=rank, world_size=world)
+    rows = undecoded(dataset, image_column)
+    if num_samples is not None:
+        limit = num_samples if isinstance(rows, datasets.IterableDataset) else len(rows)
+        rows = rows.take(min(num_samples, limit))
+    mine = split_dataset_by_node(rows, rank=rank, world_size=world)
     for number, row in enumerate(mine):
         caption = row.get(caption_column)
         caption = None if caption is None else str(caption)
@@ -342,6 +358,8 @@ def resolve_source(
         if split not in source:
             raise ValueError(f"split={split!r} is not in the dataset; splits: {list(source)}")
         source = source[split]
+    elif isinstance(source, (datasets.Dataset, datasets.IterableDataset)):
+        _only_train(split, "a single dataset (not a DatasetDict)")
     if isinstance(source, datasets.IterableDataset) and not streaming:
         raise ValueError("an IterableDataset source needs streaming=True")
     if isinstance(source, (datasets.Dataset, datasets.IterableDataset)):
@@ -349,11 +367,14 @@ def resolve_source(
     label, path = str(source), Path(source)
     shards = find_tar_shards(source)
     if shards:
+        _only_train(split, f"{label} is a set of .tar shards, which")
         return "tar", shards, label
     if path.is_dir() and (
         (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
     ):
         loaded = datasets.load_from_disk(str(path))
+        if isinstance(loaded, datasets.Dataset):
+            _only_train(split, f"{label} holds a single saved Dataset (not a DatasetDict), which")
         kind, value, _ = resolve_source(loaded, split, streaming, num_samples, seed, resolution)
         return kind, value, label
     if path.is_dir():
@@ -362,11 +383,7 @@ def resolve_source(
             if split not in splits:
                 raise ValueError(f"split={split!r}: {path} has split folders {splits} only")
             return "folder", path / split, f"{label}/{split}"
-        if split != "train":
-            raise ValueError(
-                f"split={split!r}: {path} has no split subfolders ({', '.join(SPLIT_NAMES)}), "
-                "so it only has split='train'"
-            )
+        _only_train(split, f"{path} has no split subfolders ({', '.join(SPLIT_NAMES)}), so it")
         return "folder", path, label
     if path.exists() or not HUB_NAME.fullmatch(label):
         raise FileNotFoundError(
@@ -379,6 +396,15 @@ def resolve_source(
             f"source={label!r} is not a local path, and loading it as a Hub dataset failed: {error}"
         ) from error
     return "dataset", loaded, label
+
+
+def _only_train(split: str, what: str) -> None:
+    """ValueError unless split is "train", the only split of a source without splits."""
+    if split != "train":
+        raise ValueError(
+            f"split={split!r}: {what} only has split='train'; pass split='train', or a source "
+            f"with a {split!r} split (a DatasetDict, or split subfolders such as {split}/)"
+        )
 
 
 def available_splits(source: Any) -> list[str] | None:
