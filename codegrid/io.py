@@ -46,6 +46,7 @@ def atomic_directory(directory: str | os.PathLike) -> Iterator[Path]:
     """
     target = Path(directory)
     target.parent.mkdir(parents=True, exist_ok=True)
+    _recover_parked(target)
     tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -60,6 +61,18 @@ def atomic_directory(directory: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _recover_parked(target: Path) -> None:
+    """Settle a `.old-<pid>` of this pid left by a process that died mid-swap (pids repeat in
+    containers): without `target` it is the last good copy and moves back; beside one it is
+    stale and goes. Otherwise the next swap could not park `target` there."""
+    old = target.with_name(f"{target.name}.old-{os.getpid()}")
+    if old.exists():
+        if target.exists():
+            shutil.rmtree(old)
+        else:
+            os.replace(old, target)
 
 
 def _swap_in(tmp: Path, target: Path) -> None:

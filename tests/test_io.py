@@ -88,6 +88,26 @@ def test_failed_final_rename_puts_previous_folder_back(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["m"]
 
 
+@pytest.mark.parametrize("target_left", [True, False])
+def test_a_dead_swap_of_the_same_pid_is_recovered(tmp_path, target_left):
+    """A `.old-<pid>` left by a killed process whose pid we now have: stale when the target
+    exists (removed), the last good copy when it does not (moved back before the swap)."""
+    import os
+
+    target = tmp_path / "m"
+    save_model_folder(target, TinyConfig(width=1), {"w": torch.ones(2)}, "X")
+    parked = tmp_path / f"m.old-{os.getpid()}"
+    if target_left:
+        save_model_folder(parked, TinyConfig(width=7), {"w": torch.ones(2)}, "X")
+    else:
+        os.replace(target, parked)
+    with atomic_directory(target) as tmp:
+        assert json.loads((target / "config.json").read_text())["width"] == 1
+        (tmp / "config.json").write_text(json.dumps({"width": 2}))
+    assert json.loads((target / "config.json").read_text())["width"] == 2
+    assert [p.name for p in tmp_path.iterdir()] == ["m"]
+
+
 @dataclasses.dataclass
 class RequiredConfig:
     resolution: int
