@@ -1,6 +1,7 @@
 """TextToImagePipeline: prompts -> text ids -> prior samples image codes -> image tokenizer decodes.
 
 ```python
+import torch
 from pipelines import TextToImagePipeline
 pipe = TextToImagePipeline.from_pretrained("outputs/demo/pipeline")
 images = pipe("a red circle", num_images_per_prompt=4, generator=torch.Generator().manual_seed(0)).images
