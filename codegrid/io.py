@@ -42,7 +42,10 @@ def atomic_directory(directory: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary folder; on success it replaces `directory` atomically.
 
     On any exception the temporary folder is removed and the previous `directory`, if any,
-    is left untouched.
+    is left untouched. Before the body runs, a `.old-<pid>` of this pid that a dead process
+    left mid-swap is settled (`_recover_parked`). Two live writers of one folder are not
+    supported: they would share the `.tmp-<pid>` name only if their pids matched, and the last
+    swap wins.
     """
     target = Path(directory)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -112,6 +115,21 @@ def _tuple_fields(cls: type) -> set[str]:
     }
 
 
+def read_json_object(path: Path) -> dict[str, Any]:
+    """The JSON object in `path` (which must exist).
+
+    Raises:
+        ValueError: naming the file when it is not valid JSON or not an object.
+    """
+    try:
+        values = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON ({error}); restore or re-save it") from error
+    if not isinstance(values, dict):
+        raise ValueError(f"{path} holds a JSON {type(values).__name__}, expected an object")
+    return values
+
+
 def check_field_names(cls: type, names: Any, source: str) -> None:
     """ValueError naming each of `names` that is no init field of dataclass `cls`, and the
     fields that are (for overrides and updates passed as keyword arguments)."""
@@ -130,13 +148,8 @@ def config_from_dict(cls: type[T], values: dict[str, Any], source: str = "config
     Keys starting with an underscore (such as `_class_name`) are metadata and ignored.
     """
     fields = [field for field in dataclasses.fields(cls) if field.init]
-    allowed = {field.name for field in fields}
     values = {key: value for key, value in values.items() if not key.startswith("_")}
-    unknown = sorted(set(values) - allowed)
-    if unknown:
-        raise ValueError(
-            f"{source}: unknown {cls.__name__} field(s) {unknown}; allowed fields are {sorted(allowed)}"
-        )
+    check_field_names(cls, values, source)
     no_default = dataclasses.MISSING
     required = {
         f.name for f in fields if f.default is no_default and f.default_factory is no_default
@@ -191,10 +204,7 @@ def load_model_folder(
                 f"{path} not found: a model folder needs {CONFIG_NAME} and {WEIGHTS_NAME} "
                 f"(write one with save_pretrained)"
             )
-    try:
-        values = json.loads(config_path.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{config_path} is not valid JSON ({error})") from error
+    values = read_json_object(config_path)
     config = config_from_dict(config_cls, values, source=str(config_path))
     from safetensors import SafetensorError
     from safetensors.torch import load_file

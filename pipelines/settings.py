@@ -99,16 +99,19 @@ def check_components(
 
 
 def check_prior_text(prior_config: Any, text_tokenizer: Any) -> None:
-    """The prior must read the text tokenizer's ids: same length and pad id, vocabulary large
-    enough; a field the prior's config lacks (an adapter) is not checked."""
+    """The prior must read the text tokenizer's ids: same length, vocabulary large enough, and
+    the same pad id when the prior has a text loss; a field the prior's config lacks (an
+    adapter) is not checked."""
     text_length = getattr(prior_config, "text_length", None)
     if text_length is not None and int(text_tokenizer.text_length) != int(text_length):
         raise ValueError(
             f"text length mismatch: text_tokenizer.text_length={text_tokenizer.text_length} "
             f"but prior.config.text_length={text_length}; use the prior's own text tokenizer"
         )
+    # The pad id only marks the text loss's ignored targets: without a text loss it is unused.
     pad_id = getattr(prior_config, "text_pad_id", None)
-    if pad_id is not None and int(text_tokenizer.pad_id) != int(pad_id):
+    text_loss = getattr(prior_config, "text_loss_weight", 0) > 0
+    if text_loss and pad_id is not None and int(text_tokenizer.pad_id) != int(pad_id):
         raise ValueError(
             f"text pad id mismatch: text_tokenizer.pad_id={text_tokenizer.pad_id} but "
             f"prior.config.text_pad_id={pad_id}; the prior was trained with another text "

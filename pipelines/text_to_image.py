@@ -83,8 +83,9 @@ class TextToImagePipeline:
         self.scorer = scorer
         if isinstance(config, dict):
             # Unknown keys raise ValueError naming them; a missing resolution is derived.
-            values = {"resolution": self._default_resolution(), **config}
-            config = config_from_dict(PipelineConfig, values, source="config")
+            if "resolution" not in config:
+                config = {**config, "resolution": self._default_resolution()}
+            config = config_from_dict(PipelineConfig, config, source="config")
         if config is None:
             config = PipelineConfig(resolution=self._default_resolution())
         self.config = validated_config(config)
@@ -208,7 +209,9 @@ class TextToImagePipeline:
             generator: None (torch's global RNG), one `torch.Generator` for the whole call, or a
                 list with one generator per prompt or per image. With a list, each image depends
                 only on its own generator (still sampled in batches), so results don't depend
-                on `max_batch_size` or on the other prompts.
+                on `max_batch_size` or on the other prompts, up to float rounding of the batched
+                logits. (Before f611790 such lists sampled one image at a time through
+                `torch.multinomial`; the same seeds now draw other images.)
             output_type: "pil" (list of images), "np" (B, H, W, 3) or "pt" (B, 3, H, W), in [0, 1].
             show_progress: show a tqdm bar over sampled images.
             num_candidates: codes sampled per returned image (>= 1; None: the saved default).

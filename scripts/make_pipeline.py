@@ -32,7 +32,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     defaults = {field.name: field.default for field in dataclasses.fields(PipelineConfig)}
 
     def saved(name: str) -> str:
-        return f"(default: {defaults[name]}, PipelineConfig's)"
+        value = "none" if defaults[name] is None else defaults[name]
+        return f"(default: {value}, PipelineConfig's)"
 
     add("--image-tokenizer", type=Path, required=True, help="VQGAN folder")
     add("--prior", type=Path, required=True, help="Prior folder")

@@ -5,7 +5,7 @@
 
 Prompts come from the positional arguments and/or `--prompts-file` (one per line; blank lines
 skipped). Image `i` of prompt `p` is written to `OUT/p{p:03d}_{i:02d}.png`; `OUT/grid.png` has
-one row per prompt (near-square, in prompt order, with one image per prompt), and `OUT/prompts.json` maps files to prompts. Each prompt gets its own
+one row per prompt (with one image per prompt, a near-square grid in prompt order), and `OUT/prompts.json` maps files to prompts. Each prompt gets its own
 generator seeded `seed + p`, so an image depends only on the seed and its prompt's position.
 """
 

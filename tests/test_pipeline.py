@@ -240,7 +240,11 @@ def test_bad_arguments_raise_value_error(pipeline, kwargs, name):
         ({}, {"resolution": 32}, "grid mismatch"),
         ({"text_length": 12}, {}, "text length mismatch"),
         ({"text_vocab_size": 20}, {}, "text vocabulary mismatch"),
-        ({"text_pad_id": 1}, {}, "text pad id mismatch: text_tokenizer.pad_id=0"),
+        (
+            {"text_pad_id": 1, "text_loss_weight": 0.125},
+            {},
+            "text pad id mismatch: text_tokenizer.pad_id=0",
+        ),
     ],
 )
 def test_component_mismatch_fails_at_construction(
@@ -249,6 +253,13 @@ def test_component_mismatch_fails_at_construction(
     prior = tiny_prior(text_tokenizer, **prior_overrides)
     with pytest.raises(ValueError, match=message):
         TextToImagePipeline(tiny_vqgan(**vqgan_kwargs), prior, text_tokenizer)
+
+
+def test_pad_id_is_only_checked_for_a_prior_with_a_text_loss(text_tokenizer):
+    """text_pad_id marks only the text loss's ignored targets: a prior without a text loss
+    samples the same whatever it says, so another pad id is accepted."""
+    prior = tiny_prior(text_tokenizer, text_pad_id=1)
+    TextToImagePipeline(tiny_vqgan(), prior, text_tokenizer)
 
 
 @pytest.mark.parametrize(

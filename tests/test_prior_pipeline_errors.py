@@ -142,6 +142,8 @@ def test_a_generator_list_with_none_is_refused():
         ("cpu", "cpu", True),
         ("cuda:0", "cuda:1", False),
         ("cuda:1", "cuda:1", True),
+        ("cuda", "cuda:0", True),  # no index: the current device (cuda:0 without GPUs too)
+        ("cuda", "cuda:1", torch.cuda.is_available() and torch.cuda.current_device() == 1),
         ("cpu", "cuda:0", False),
         ("meta", "cpu", False),
     ],
@@ -232,7 +234,7 @@ def test_a_malformed_text_tokenizer_config_names_the_file_and_field(text_tokeniz
 
 # ------------------------------------------------------------------ extracted codes metadata
 META = {"format": CODES_FORMAT, "version": CODES_VERSION, "tokenizer": {"class": "VQGAN"},
-        "latent_shape": [4, 4], "resolution": 16, "splits": {}}  # fmt: skip
+        "latent_shape": [4, 4], "resolution": 16, "codebook_size": 32, "splits": {}}  # fmt: skip
 
 
 def test_missing_codes_meta_message_names_the_folder(tmp_path):
@@ -249,6 +251,7 @@ def test_missing_codes_meta_message_names_the_folder(tmp_path):
         ({"tokenizer": None}, "field 'tokenizer' is None"),
         ({"latent_shape": None}, "field 'latent_shape'"),
         ({"resolution": None}, "field 'resolution'"),
+        ({"codebook_size": None}, "field 'codebook_size'"),
         ({"splits": None}, "field 'splits'"),
     ],
 )
@@ -293,6 +296,29 @@ def test_streaming_datasets_read_only_the_first_num_samples(iterable, num_sample
     table = datasets.Dataset.from_dict({"image": [png()] * 4, "text": list("abcd")})
     source = table.to_iterable_dataset() if iterable else table
     assert _stream_captions(source, num_samples) == list("abcd")[:num_samples]
+
+
+def _as_rank(monkeypatch, rank: int, world: int) -> None:
+    monkeypatch.setattr(sources.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(sources.dist, "get_rank", lambda: rank)
+    monkeypatch.setattr(sources.dist, "get_world_size", lambda: world)
+
+
+def test_streaming_num_samples_refuses_a_shared_multi_shard_stream(monkeypatch):
+    """take() splits per shard when ranks share a stream: refused, not read wrongly."""
+    table = datasets.Dataset.from_dict({"image": [png()] * 8, "text": list("abcdefgh")})
+    _as_rank(monkeypatch, 0, 2)
+    with pytest.raises(ValueError, match="2-shard streaming dataset read by 2 ranks"):
+        _stream_captions(table.to_iterable_dataset(num_shards=2), 2)
+
+
+def test_streaming_num_samples_shares_the_first_rows_of_one_shard(monkeypatch):
+    table = datasets.Dataset.from_dict({"image": [png()] * 8, "text": list("abcdefgh")})
+    read = []
+    for rank in (0, 1):
+        _as_rank(monkeypatch, rank, 2)
+        read += _stream_captions(table.to_iterable_dataset(num_shards=1), 3)
+    assert sorted(read) == list("abc")
 
 
 def test_a_dataset_whose_files_all_vanished_raises_value_error(tmp_path):

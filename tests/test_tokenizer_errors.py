@@ -165,23 +165,22 @@ def test_adapter_code_errors_name_dtype_and_range(codes, message):
         ConvAdapter(nn.Conv2d(3, 3, 1)).decode(codes)
 
 
-def test_adapter_statistics_are_created_on_the_wrapped_models_device():
-    # Only CPU here: the meta device stands in for a model wrapped after `.cuda()`.
-    adapter = ConvAdapter(nn.Conv2d(3, 3, 1, device="meta"))
-    assert adapter._mean.device.type == adapter._std.device.type == "meta"
-    assert {name for name, _ in adapter.named_buffers()} >= {"_mean", "_std"}
-
-
-def test_adapter_normalisation_follows_dtype_and_input_device():
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_adapter_normalisation_follows_dtype_and_input_device(dtype):
+    """The statistics are exact whatever the adapter's dtype (a bf16 buffer would round 0.2
+    to 0.2002), and meet the pixels on their device (a model moved without its adapter)."""
     images = torch.rand(2, 3, 4, 4) * 2 - 1  # (B, 3, H, W)
-    adapter = ConvAdapter(nn.Conv2d(3, 3, 1)).to(torch.float64)
-    assert adapter._mean.dtype == torch.float64  # buffers follow the adapter's `.to()`
+    adapter = ConvAdapter(nn.Conv2d(3, 3, 1)).to(dtype)
+    used_mean, used_std = adapter._normalisation(images.device)
+    assert torch.equal(used_mean.flatten(), torch.tensor([0.1, 0.2, 0.3]))
+    assert torch.equal(used_std.flatten(), torch.tensor([0.5, 0.25, 0.125]))
     pixels = adapter.to_model_pixels(images)
     mean = torch.tensor([0.1, 0.2, 0.3]).view(1, 3, 1, 1)  # (1, C, 1, 1)
     std = torch.tensor([0.5, 0.25, 0.125]).view(1, 3, 1, 1)  # (1, C, 1, 1)
-    assert pixels.dtype == torch.float64
-    torch.testing.assert_close(pixels.float(), ((images + 1) / 2 - mean) / std)
-    torch.testing.assert_close(adapter.from_model_pixels(pixels), images)
+    assert pixels.dtype == dtype
+    tolerance = {} if dtype == torch.float64 else {"atol": 0.05, "rtol": 0.01}
+    torch.testing.assert_close(pixels.float(), ((images + 1) / 2 - mean) / std, **tolerance)
+    torch.testing.assert_close(adapter.from_model_pixels(pixels), images, **tolerance)
     # Pixels on another device than the statistics (a model moved without its adapter).
     assert adapter.to_model_pixels(images.to("meta")).device.type == "meta"
     assert adapter.from_model_pixels(pixels.to("meta")).device.type == "meta"

@@ -31,8 +31,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from codegrid.io import load_state_dict_strict
-from tokenizer.convert_common import read_json_object, read_safetensors_folder, select_prefix
+from codegrid.io import load_state_dict_strict, read_json_object
+from tokenizer.convert_common import read_safetensors_folder, select_prefix
 
 NOT_SERIALISABLE = (
     "adapters wrap a live model and cannot be saved in our format; convert it with "
@@ -94,13 +94,6 @@ class ExternalTokenizerAdapter(nn.Module):
         self.resolution = int(resolution)
         self.latent_shape(self.resolution, self.resolution)
         self.image_mean, self.image_std = tuple(image_mean), tuple(image_std)
-        # On the wrapped model's device, so a model wrapped after `.cuda()` needs no `.to()`;
-        # as buffers they then follow the adapter's own `.to()` too.
-        device = next(model.parameters()).device
-        mean = torch.tensor(image_mean, device=device).view(1, -1, 1, 1)  # (C,) -> (1, C, 1, 1)
-        std = torch.tensor(image_std, device=device).view(1, -1, 1, 1)  # (C,) -> (1, C, 1, 1)
-        self.register_buffer("_mean", mean, persistent=False)
-        self.register_buffer("_std", std, persistent=False)
 
     def latent_shape(self, height: int, width: int) -> tuple[int, int]:
         """Code grid (h, w) for images of (height, width); both must divide by the factor."""
@@ -117,15 +110,17 @@ class ExternalTokenizerAdapter(nn.Module):
         return next(self.model.parameters()).dtype
 
     def _normalisation(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        # fp32 on the pixels' device: the wrapped model may have been moved without the
-        # adapter, and a bf16 adapter would otherwise round the statistics.
-        return self._mean.to(device, torch.float32), self._std.to(device, torch.float32)
+        # Built from the Python floats in fp32 on the pixels' device at each call: no buffer to
+        # leave behind when the wrapped model moves alone, or to round when the adapter goes bf16.
+        mean = torch.tensor(self.image_mean, device=device).view(1, -1, 1, 1)  # (1, C, 1, 1)
+        std = torch.tensor(self.image_std, device=device).view(1, -1, 1, 1)  # (1, C, 1, 1)
+        return mean, std
 
     def to_model_pixels(self, images: torch.Tensor) -> torch.Tensor:
         """Our [-1, 1] images -> the model's normalisation ((x01 - mean) / std), model dtype."""
-        if images.ndim != 4 or images.shape[1] != self._mean.shape[1]:
+        if images.ndim != 4 or images.shape[1] != len(self.image_mean):
             raise ValueError(
-                f"images must be (B, {self._mean.shape[1]}, H, W); got {tuple(images.shape)}"
+                f"images must be (B, {len(self.image_mean)}, H, W); got {tuple(images.shape)}"
             )
         self.latent_shape(images.shape[2], images.shape[3])
         mean, std = self._normalisation(images.device)

@@ -11,7 +11,6 @@ inert class that only stores attributes, for the duration of one load. Anything 
 
 from __future__ import annotations
 
-import json
 import os
 import pickle
 import struct
@@ -212,21 +211,6 @@ def load_renamed(
 def _preview(keys: list[str], limit: int = 12) -> str:
     shown = ", ".join(repr(key) for key in keys[:limit])
     return f"[{shown}{', ...' if len(keys) > limit else ''}]" if keys else "[]"
-
-
-def read_json_object(path: Path) -> dict[str, Any]:
-    """The JSON object in `path` (which must exist).
-
-    Raises:
-        ValueError: naming the file when it is not valid JSON or not an object.
-    """
-    try:
-        values = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path} is not valid JSON ({error}); restore or re-save it") from error
-    if not isinstance(values, dict):
-        raise ValueError(f"{path} holds a JSON {type(values).__name__}, expected an object")
-    return values
 
 
 def required(values: Mapping[str, Any], field: str, source: str, parent: str = "") -> Any:

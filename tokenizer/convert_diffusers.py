@@ -30,11 +30,11 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
+from codegrid.io import read_json_object
 from tokenizer.convert_common import (
     check_supported,
     load_pickled_checkpoint,
     load_renamed,
-    read_json_object,
     rename_keys,
     required,
 )

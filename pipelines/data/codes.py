@@ -26,7 +26,13 @@ CODES_META = "codes_meta.json"
 CODES_FORMAT = "codegrid-codes"
 CODES_VERSION = 1
 # Fields of codes_meta.json that the loaders read, and their JSON types.
-_META_FIELDS = {"tokenizer": dict, "latent_shape": list, "resolution": int, "splits": dict}
+_META_FIELDS = {
+    "tokenizer": dict,
+    "latent_shape": list,
+    "resolution": int,
+    "codebook_size": int,
+    "splits": dict,
+}
 
 
 def write_json_atomic(path: str | os.PathLike, values: dict[str, Any]) -> None:
@@ -44,7 +50,7 @@ def write_json_atomic(path: str | os.PathLike, values: dict[str, Any]) -> None:
 
 def read_codes_meta(path: str | os.PathLike) -> dict[str, Any]:
     """The metadata of an extraction folder, checked: format, `version` == CODES_VERSION, and
-    the fields the loaders read (tokenizer, latent_shape, resolution, splits).
+    the fields the loaders read (tokenizer, latent_shape, resolution, codebook_size, splits).
 
     Raises:
         FileNotFoundError: `path` has no codes_meta.json (not a finished extraction).

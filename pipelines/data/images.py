@@ -317,7 +317,8 @@ def load_image_caption_dataset(
             `transform` is given).
         num_samples: Shapes: how many to generate; other sources: only the first
             `num_samples` candidates are read (with `streaming`, the first of the whole stream,
-            shared out among ranks and DataLoader workers).
+            shared out among ranks and DataLoader workers; a multi-shard `datasets` stream
+            with more than one reader raises ValueError, since its take() splits per shard).
         seed: Shapes' seed and the seed of random crops and flips.
         missing_caption: "null" (use the null caption "", counted) or "skip" (drop, counted).
         background, max_pixels, min_size: see `decode_image`.

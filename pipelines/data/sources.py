@@ -322,7 +322,8 @@ def stream_dataset(
     """This rank's rows of a streaming `datasets.IterableDataset`, payloads as `ref`.
 
     Rows are split across ranks here; `datasets` itself splits them across DataLoader workers.
-    With `num_samples`, only the dataset's first num_samples rows are read (before the split).
+    With `num_samples`, only the dataset's first num_samples rows are read (before the split);
+    a multi-shard stream shared by several ranks or workers then raises ValueError.
     `report` is unused (rows cannot fail before decoding; the signature matches stream_tar).
     """
     from datasets.distributed import split_dataset_by_node
@@ -330,8 +331,17 @@ def stream_dataset(
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     rows = undecoded(dataset, image_column)
     if num_samples is not None:
-        limit = num_samples if isinstance(rows, datasets.IterableDataset) else len(rows)
-        rows = rows.take(min(num_samples, limit))
+        streamed = isinstance(rows, datasets.IterableDataset)
+        consumers = consumer_index()[1]
+        if streamed and rows.n_shards > 1 and consumers > 1:
+            # datasets' take() is split per shard when ranks or workers share the stream, so
+            # the consumers would read rows from every shard, not the stream's first ones.
+            raise ValueError(
+                f"num_samples={num_samples} with a {rows.n_shards}-shard streaming dataset read "
+                f"by {consumers} ranks x workers would not read its first rows; stream with one "
+                "process and --num-workers 0, or load it without streaming"
+            )
+        rows = rows.take(min(num_samples, num_samples if streamed else len(rows)))
     mine = split_dataset_by_node(rows, rank=rank, world_size=world)
     for number, row in enumerate(mine):
         caption = row.get(caption_column)
@@ -402,7 +412,8 @@ def _only_train(split: str, what: str) -> None:
     """ValueError unless split is "train", the only split of a source without splits."""
     if split != "train":
         raise ValueError(
-            f"split={split!r}: {what} only has split='train'; pass split='train', or a source "
+            f"split={split!r}: {what} only has split='train'; pass split='train' (--split train), "
+            "or a source "
             f"with a {split!r} split (a DatasetDict, or split subfolders such as {split}/)"
         )
 

@@ -13,6 +13,7 @@ import torch
 from common.run_folder import RunFolder
 from common.sampler import StepBatches, StepSampler
 from pipelines.data.images import load_image_caption_dataset
+from pipelines.data.sources import available_splits
 
 
 def load_image_splits(args: argparse.Namespace, run: RunFolder, **train_options) -> tuple:
@@ -24,14 +25,16 @@ def load_image_splits(args: argparse.Namespace, run: RunFolder, **train_options)
     train = load_image_caption_dataset(
         args.data, split="train", num_samples=args.num_train_samples, **train_options, **common
     )
-    try:
+    # Decided from the source's splits (None: a Hub name, assumed to have one), so that any
+    # other error of a real validation split is raised, not replaced by training images.
+    if "validation" in (available_splits(args.data) or ["validation"]):
         val = load_image_caption_dataset(
             args.data, split="validation", num_samples=args.num_val_samples, **common
         )
-    except (ValueError, FileNotFoundError) as error:
+    else:
         run.warning(
-            f"no validation split in --data {args.data} ({error}); validating on the "
-            f"first {args.num_val_samples} training images"
+            f"no validation split in --data {args.data}; validating on the first "
+            f"{args.num_val_samples} training images"
         )
         val = train.subset(list(range(min(len(train), args.num_val_samples))))
     run.info(f"train data: {len(train)} images; report: {train.report.summary()}")
