@@ -97,6 +97,18 @@ def _swap_in(tmp: Path, target: Path) -> None:
         shutil.rmtree(old)
 
 
+def state_dict_sha256(module: torch.nn.Module) -> str:
+    """sha256 over (key, dtype, shape, bytes) of every state_dict tensor in sorted key order:
+    the weights part of an image tokenizer's identity (codes_meta.json)."""
+    digest = hashlib.sha256()
+    for key, tensor in sorted(module.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        raw = tensor.reshape(-1).view(torch.uint8)  # (N,) -> (N * itemsize,) bytes
+        digest.update(raw.numpy().tobytes())
+    return digest.hexdigest()
+
+
 def sha256_of_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
     """Hex sha256 of a file's bytes."""
     digest = hashlib.sha256()

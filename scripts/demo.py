@@ -141,6 +141,13 @@ def build_parser() -> argparse.ArgumentParser:
     add("--prior-batch-size", type=int, default=None, help="prior code grids per step "
         "(default: 16 on cpu, 256 on cuda)")  # fmt: skip
     add("--scorer-batch-size", type=int, default=SCORER_BATCH_SIZE, help="scorer images per step")
+    add_evaluation_arguments(parser)
+    return parser
+
+
+def add_evaluation_arguments(parser: argparse.ArgumentParser) -> None:
+    """The evaluation's prompts, candidates and sweeps."""
+    add = parser.add_argument
     add("--num-test-prompts", type=int, default=200, help="seen and held-out, each")
     add("--num-validation-prompts", type=int, default=200, help="prompts of the sweep")
     add("--tokenizer-images", type=int, default=1000, help="validation images for PSNR/usage")
@@ -169,7 +176,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="weights of the prior's log-likelihood in the rerank score, tried on each draw "
         "(default: 0,0.01,0.03,0.1)",
     )
-    return parser
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from codegrid.io import load_state_dict_strict, read_json_object
+from codegrid.io import load_state_dict_strict, read_json_object, state_dict_sha256
 from tokenizer.convert_common import read_safetensors_folder, select_prefix
 
 NOT_SERIALISABLE = (
@@ -59,17 +59,6 @@ def flat_codes_to_grid(codes: torch.Tensor, batch: int, height: int, width: int)
             f"returned codes for another grid than its latents"
         )
     return codes.reshape(batch, height, width).long()  # (B*h*w,) -> (B, h, w)
-
-
-def module_sha256(module: nn.Module) -> str:
-    """sha256 over (key, dtype, shape, bytes) of every state_dict tensor in sorted key order."""
-    digest = hashlib.sha256()
-    for key, tensor in sorted(module.state_dict().items()):
-        tensor = tensor.detach().cpu().contiguous()
-        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        raw = tensor.reshape(-1).view(torch.uint8)  # (N,) -> (N * itemsize,) bytes
-        digest.update(raw.numpy().tobytes())
-    return digest.hexdigest()
 
 
 class ExternalTokenizerAdapter(nn.Module):
@@ -174,7 +163,7 @@ class ExternalTokenizerAdapter(nn.Module):
             "class": type(self).__name__,
             "wrapped_class": type(self.model).__name__,
             "config_sha256": hashlib.sha256(config_json.encode()).hexdigest(),
-            "weights_sha256": module_sha256(self.model),
+            "weights_sha256": state_dict_sha256(self.model),
             "codebook_size": self.codebook_size,
             "downsample_factor": self.downsample_factor,
             "resolution": self.resolution,

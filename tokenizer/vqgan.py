@@ -24,6 +24,7 @@ from codegrid.io import (
     load_model_folder,
     load_state_dict_strict,
     save_model_folder,
+    state_dict_sha256,
 )
 from tokenizer.code_search import search_codes
 from tokenizer.modules import NORMS, Decoder, Encoder, PatchEncoder
@@ -452,17 +453,11 @@ class VQGAN(nn.Module):
             # The nearest code, as before the search existed: codes extracted then stay valid.
             del config["code_search_candidates"], config["code_search_threshold"]
         config_json = json.dumps(config, sort_keys=True)
-        digest = hashlib.sha256()
-        for key, tensor in sorted(self.state_dict().items()):
-            tensor = tensor.detach().cpu().contiguous()
-            digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-            raw = tensor.reshape(-1).view(torch.uint8)  # (N,) -> (N * itemsize,) bytes
-            digest.update(raw.numpy().tobytes())
         resolution = self.config.resolution
         return {
             "class": type(self).__name__,
             "config_sha256": hashlib.sha256(config_json.encode()).hexdigest(),
-            "weights_sha256": digest.hexdigest(),
+            "weights_sha256": state_dict_sha256(self),
             "codebook_size": self.codebook_size,
             "downsample_factor": self.downsample_factor,
             "resolution": resolution,
