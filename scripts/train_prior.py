@@ -23,13 +23,11 @@ import argparse
 import contextlib
 import dataclasses
 import json
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from accelerate.utils import set_seed
 from common import curves, loop
 from common import validation as checks
 from common.code_features import matte_features, matte_groups, mean_decoded_patches
@@ -38,7 +36,7 @@ from common.faults import fires, kill_point
 from common.help import HelpFormatter
 from common.images import codes_to_images, save_png, tensor_grid
 from common.optim import adamw
-from common.run_folder import RunFolder, make_accelerator
+from common.run_folder import RunFolder
 from common.sampler import StepSampler, record_indices
 from common.schedule import set_learning_rate, warmup_cosine
 
@@ -394,32 +392,23 @@ def periodic(job: Job, step: int, is_last: bool) -> None:
         loop.checkpoint(ctx, [job.prior], {})
 
 
+def prepare(job: Job, restored: dict) -> None:
+    """The sampler of this rank's batches (the prior's checkpoints carry no extra tensors)."""
+    args, accelerator = job.ctx.args, job.ctx.accelerator
+    job.sampler = StepSampler(
+        len(job.train[1]),
+        args.batch_size,
+        accumulation=args.gradient_accumulation_steps,
+        world_size=accelerator.num_processes,
+        rank=accelerator.process_index,
+        seed=args.seed,
+    )
+
+
 def train(args: argparse.Namespace) -> Job:
     """Train, then export OUTPUT/final; returns the job (models, state) for callers and tests."""
-    accelerator = make_accelerator(args)
-    set_seed(args.seed)
-    run = RunFolder(accelerator, args, "train_prior")
-    try:
-        job = setup(args, accelerator, run)
-        loop.restore(job.ctx)
-        job.sampler = StepSampler(
-            len(job.train[1]),
-            args.batch_size,
-            accumulation=args.gradient_accumulation_steps,
-            world_size=accelerator.num_processes,
-            rank=accelerator.process_index,
-            seed=args.seed,
-        )
-        loop.train_loop(job.ctx, partial(train_step, job), partial(periodic, job))
-        final = Path(args.output_dir) / "final"
-        export(job, final)
-        run.info(
-            f"done at step {job.ctx.state.step}; exported {final} (best validation loss "
-            f"{job.ctx.state.best_metric} at step {job.ctx.state.best_step})"
-        )
-        return job
-    finally:
-        run.close()
+    steps = (train_step, periodic)
+    return loop.run_job(args, "train_prior", setup, prepare, steps, export, "validation loss")
 
 
 def main(args: argparse.Namespace) -> Path:

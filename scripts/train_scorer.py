@@ -21,19 +21,17 @@ import argparse
 import contextlib
 import dataclasses
 import math
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate.utils import set_seed
 from common import curves, loop
 from common import validation as checks
 from common.data import load_image_splits, step_batches
 from common.faults import fires, kill_point
 from common.help import HelpFormatter
 from common.optim import adamw
-from common.run_folder import RunFolder, make_accelerator
+from common.run_folder import RunFolder
 from common.sampler import record_indices
 from common.schedule import set_learning_rate, warmup_cosine
 
@@ -239,25 +237,16 @@ def periodic(job: Job, step: int, is_last: bool) -> None:
         loop.checkpoint(ctx, [job.scorer], {})
 
 
+def prepare(job: Job, restored: dict) -> None:
+    """This rank's batches from the restored step on (no extra tensors in a checkpoint)."""
+    ctx = job.ctx
+    job.batches = step_batches(ctx.args, ctx.accelerator, ctx.state.step, job.train, collate)
+
+
 def train(args: argparse.Namespace) -> Job:
     """Train, then export OUTPUT/final; returns the job (model, state) for callers and tests."""
-    accelerator = make_accelerator(args)
-    set_seed(args.seed)
-    run = RunFolder(accelerator, args, "train_scorer")
-    try:
-        job = setup(args, accelerator, run)
-        loop.restore(job.ctx)
-        job.batches = step_batches(args, accelerator, job.ctx.state.step, job.train, collate)
-        loop.train_loop(job.ctx, partial(train_step, job), partial(periodic, job))
-        final = Path(args.output_dir) / "final"
-        export(job, final)
-        run.info(
-            f"done at step {job.ctx.state.step}; exported {final} (best validation loss "
-            f"{job.ctx.state.best_metric} at step {job.ctx.state.best_step})"
-        )
-        return job
-    finally:
-        run.close()
+    steps = (train_step, periodic)
+    return loop.run_job(args, "train_scorer", setup, prepare, steps, export, "validation loss")
 
 
 def main(args: argparse.Namespace) -> Path:

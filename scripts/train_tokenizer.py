@@ -21,12 +21,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate.utils import set_seed
 from common import curves, loop
 from common import validation as checks
 from common.data import load_image_splits, step_batches
@@ -36,7 +34,7 @@ from common.guards import StateSnapshot
 from common.help import HelpFormatter
 from common.images import save_png, tensor_grid
 from common.optim import adamw
-from common.run_folder import RunFolder, make_accelerator
+from common.run_folder import RunFolder
 from common.sampler import record_indices
 from common.schedule import set_learning_rate, warmup_cosine
 from common.vqgan_objective import VQGANObjective, build_objective
@@ -398,25 +396,16 @@ def periodic(job: Job, step: int, is_last: bool) -> None:
         job.vqgan.reset_codebook_usage()  # train_usage windows then restart exactly on resume
 
 
+def prepare(job: Job, restored: dict) -> None:
+    """The GAN objective's restored tensors (discriminator, LeCam state), then the batches."""
+    job.objective.load_state_tensors(restored)
+    job.batches = make_batches(job, job.train)
+
+
 def train(args: argparse.Namespace) -> Job:
     """Train, then export OUTPUT/final; returns the job (models, state) for callers and tests."""
-    accelerator = make_accelerator(args)
-    set_seed(args.seed)
-    run = RunFolder(accelerator, args, "train_tokenizer")
-    try:
-        job = setup(args, accelerator, run)
-        job.objective.load_state_tensors(loop.restore(job.ctx))
-        job.batches = make_batches(job, job.train)
-        loop.train_loop(job.ctx, partial(train_step, job), partial(periodic, job))
-        final = Path(args.output_dir) / "final"
-        export(job, final)
-        run.info(
-            f"done at step {job.ctx.state.step}; exported {final} (best val PSNR "
-            f"{job.ctx.state.best_metric} at step {job.ctx.state.best_step})"
-        )
-        return job
-    finally:
-        run.close()
+    steps = (train_step, periodic)
+    return loop.run_job(args, "train_tokenizer", setup, prepare, steps, export, "val PSNR")
 
 
 def main(args: argparse.Namespace) -> Path:

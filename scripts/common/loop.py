@@ -14,12 +14,14 @@ import dataclasses
 import math
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
 from accelerate.optimizer import AcceleratedOptimizer
+from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from codegrid.io import config_from_dict
@@ -27,7 +29,7 @@ from common.budget import StepBudget
 from common.checkpoint import CHECKPOINTS, load_latest_checkpoint, save_checkpoint
 from common.ema import EMA
 from common.guards import NonFiniteGuard, assert_finite_weights, locally_nonfinite, reduce_step
-from common.run_folder import RunFolder
+from common.run_folder import RunFolder, make_accelerator
 from common.validation import (
     require_choice,
     require_fraction,
@@ -342,3 +344,35 @@ def finish_step(
     lr = pairs[0][1].param_groups[0]["lr"]
     step_metrics = {**metrics, "lr": lr, "skipped": float(skipped)}
     return step_metrics | ({"overflow": float(overflow)} if scaler is not None else {})
+
+
+def run_job(
+    args: argparse.Namespace,
+    name: str,
+    setup: Callable,
+    prepare: Callable,
+    steps: tuple[Callable, Callable],
+    export: Callable,
+    metric: str,
+) -> Any:
+    """Every training job's top level: accelerator, seed and run folder `name`; `setup(args,
+    accelerator, run)` builds the job, `prepare(job, restored)` gets the tensors a resumed
+    checkpoint carried beyond the models, `steps` = (train_step, periodic) take the job first;
+    then `export(job, OUTPUT/final)`. Returns the job (models, state) for callers and tests."""
+    accelerator = make_accelerator(args)
+    set_seed(args.seed)
+    run = RunFolder(accelerator, args, name)
+    try:
+        job = setup(args, accelerator, run)
+        prepare(job, restore(job.ctx))
+        train_step, periodic = steps
+        train_loop(job.ctx, partial(train_step, job), partial(periodic, job))
+        final = Path(args.output_dir) / "final"
+        export(job, final)
+        run.info(
+            f"done at step {job.ctx.state.step}; exported {final} (best {metric} "
+            f"{job.ctx.state.best_metric} at step {job.ctx.state.best_step})"
+        )
+        return job
+    finally:
+        run.close()
