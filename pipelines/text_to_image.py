@@ -321,8 +321,7 @@ class TextToImagePipeline:
             likelihoods.append(code_log_likelihood(self.prior, text, chunk).float().cpu())
             if self.scorer is not None:
                 # The scorer learnt renders in [-1, 1]; decoders may overshoot a little.
-                codes_there = chunk.to(self._image_tokenizer_device())  # (b, h, w)
-                images = self.image_tokenizer.decode(codes_there).clamp(-1, 1)  # (b, 3, H, W)
+                images = self.decode(chunk, max_batch_size).clamp(-1, 1)  # (b, 3, H, W)
                 device = next(self.scorer.parameters()).device
                 similarity = self.scorer.similarity(images.to(device), text.to(device))  # (b,)
                 similarities.append(similarity.float().cpu())
